@@ -1,0 +1,951 @@
+# Copyright 2026 The sparse-moe authors. Licensed under the Apache License, Version 2.0.
+"""SparseMoE: a decoder-only transformer with sparse Mixture-of-Experts MLPs.
+
+Hub-facing file: it is copied next to `config.json` and must import only torch, transformers and its siblings.
+
+Shape legend (torchtitan style): B batch, S sequence, T = B*S tokens, D hidden, E routed experts, K experts per
+token, F expert hidden width, H heads, Hd head width. `x_TD` is a (T, D) tensor.
+
+Reference numerics: transformers' Mixtral / Qwen3-MoE / DeepSeek-V3. Routing runs in fp32; the weighted combine of
+the K expert outputs of a token is a fixed-order sum (deterministic on every device).
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.import_utils import is_torchdynamo_compiling
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_sparse_moe import SparseMoEConfig
+
+
+# ----------------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class SparseMoEModelOutputWithPast(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus the routing decisions of every MoE layer.
+
+    router_indices: per MoE layer, (T, K) experts chosen before capacity dropping.
+    router_dropped: per MoE layer, (T, K) bool mask of assignments dropped for capacity (training only).
+    """
+
+    router_indices: tuple[torch.Tensor, ...] | None = None
+    router_dropped: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SparseMoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the router z-loss and the fraction of expert assignments dropped."""
+
+    z_loss: torch.Tensor | None = None
+    dropped_fraction: torch.Tensor | None = None
+    router_indices: tuple[torch.Tensor, ...] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ basic layers
+class SparseMoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class SparseMoERotaryEmbedding(nn.Module):
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: SparseMoEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, S, Hd) -> (B, Hkv * n_rep, S, Hd)."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class SparseMoEAttention(nn.Module):
+    """GQA self-attention with RoPE, optional qk-norm (per head or full width) and sliding window."""
+
+    def __init__(self, config: SparseMoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_out_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":  # Qwen3-MoE: one norm shared by all heads, over Hd
+            self.q_norm = SparseMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = SparseMoERMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        elif config.qk_norm == "full":  # OLMoE: over the concatenated heads, before splitting them
+            self.q_norm = SparseMoERMSNorm(q_width, eps=config.rms_norm_eps)
+            self.k_norm = SparseMoERMSNorm(kv_width, eps=config.rms_norm_eps)
+        self.sliding_window = config.sliding_window
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states, key_states = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.qk_norm == "full":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
+        if self.qk_norm == "head":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)  # (B, H, S, Hd)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class SparseMoEMLP(nn.Module):
+    """Dense gated MLP: used for dense layers and for the (fused) shared experts."""
+
+    def __init__(self, config: SparseMoEConfig, intermediate_size: int | None = None):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------- routing
+class SparseMoERouter(nn.Module):
+    """Top-k router: softmax (Mixtral/Qwen/OLMoE) or sigmoid with a correction bias and group-limited selection
+    (DeepSeek-V3), plus capacity dropping in training.
+
+    Returns `(router_logits_TE, top_k_weights_TK, top_k_index_TK, dropped_TK)`:
+      - `router_logits_TE` fp32 logits (recorded as `router_logits`),
+      - `top_k_weights_TK` fp32 combine weights, 0 for dropped assignments,
+      - `top_k_index_TK` the chosen experts (before dropping),
+      - `dropped_TK` bool mask of assignments over capacity, or `None` when nothing can be dropped.
+    """
+
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.router_type = config.router_type
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        # NOTE: the bias shifts which experts are *chosen*; the combine weights come from the unbiased scores.
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
+        # Assignments per expert in the last training forward (read by `update_router_biases`).
+        self.expert_load = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+
+    def scores(self, router_logits_TE: torch.Tensor) -> torch.Tensor:
+        if self.router_type == "sigmoid":
+            return router_logits_TE.sigmoid()
+        return router_logits_TE.softmax(dim=-1)
+
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Chosen experts (T, K): top-k of the biased scores, restricted to the best `topk_group` groups."""
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.n_group > 1:
+            num_tokens = choice_TE.shape[0]
+            per_group = self.num_experts // self.n_group
+            choice_TGe = choice_TE.view(num_tokens, self.n_group, per_group)
+            group_scores_TG = choice_TGe.topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores_TG, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx, True)
+            expert_mask_TE = group_mask_TG.unsqueeze(-1).expand(-1, -1, per_group).reshape(num_tokens, -1)
+            choice_TE = choice_TE.masked_fill(~expert_mask_TE, float("-inf"))
+        return torch.topk(choice_TE, self.top_k, dim=-1)[1]
+
+    def capacity(self, num_tokens: int) -> int:
+        return math.ceil(self.config.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def over_capacity(self, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+        """Bool (T, K): assignments beyond their expert's capacity. Priority: every token's first choice, in token
+        order, then every second choice, ... (GShard / Switch)."""
+        num_tokens, top_k = top_k_index_TK.shape
+        expert_of_A = top_k_index_TK.t().reshape(-1)  # (A = K*T,) in priority order
+        sorted_experts_A, order_A = torch.sort(expert_of_A, stable=True)
+        counts_E = torch.bincount(sorted_experts_A, minlength=self.num_experts)
+        segment_start_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_sorted_A = torch.arange(expert_of_A.numel(), device=expert_of_A.device) - segment_start_E[sorted_experts_A]
+        rank_A = torch.empty_like(rank_sorted_A).scatter_(0, order_A, rank_sorted_A)
+        return (rank_A >= self.capacity(num_tokens)).view(top_k, num_tokens).t()
+
+    def forward(self, hidden_states: torch.Tensor):
+        x_TD = hidden_states.reshape(-1, self.hidden_dim)
+        if self.training and self.config.router_jitter_noise > 0:
+            noise = self.config.router_jitter_noise
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - noise, 1.0 + noise)
+        router_logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = self.scores(router_logits_TE)
+        top_k_index_TK = self.select(scores_TE)
+        top_k_weights_TK = scores_TE.gather(1, top_k_index_TK)
+        if self.norm_topk_prob:
+            top_k_weights_TK = top_k_weights_TK / (top_k_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        top_k_weights_TK = top_k_weights_TK * self.routed_scaling_factor
+
+        dropped_TK = None
+        if self.training:
+            with torch.no_grad():
+                self.expert_load.copy_(torch.bincount(top_k_index_TK.reshape(-1), minlength=self.num_experts))
+            if self.config.capacity_factor is not None:
+                dropped_TK = self.over_capacity(top_k_index_TK)
+                top_k_weights_TK = top_k_weights_TK.masked_fill(dropped_TK, 0.0)
+        return router_logits_TE, top_k_weights_TK, top_k_index_TK, dropped_TK
+
+
+# ----------------------------------------------------------------------------------------------------------- experts
+# Experts implementations that skip an index equal to `num_experts` (our "dropped" sentinel). Others get the dropped
+# assignment's original expert with weight 0: same result, wasted compute.
+SENTINEL_AWARE_EXPERTS = {None, "eager", "sparse_moe"}
+
+
+@use_experts_implementation
+class SparseMoEExperts(nn.Module):
+    """E gated experts stored as 3D tensors: `gate_up_proj` (E, 2F, D) = [gate; up], `down_proj` (E, D, F).
+
+    This forward is the eager reference: a loop over experts that received tokens. Fast paths registered in
+    transformers' `ExpertsInterface` replace it through `config._experts_implementation`.
+    """
+
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_index.shape
+        out_TKD = hidden_states.new_zeros(num_tokens, top_k, self.hidden_dim)
+        for expert_idx in torch.unique(top_k_index).tolist():
+            if expert_idx >= self.num_experts:  # dropped assignment (sentinel)
+                continue
+            token_idx, slot_idx = torch.where(top_k_index == expert_idx)
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            y_ND = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            out_TKD = out_TKD.index_put((token_idx, slot_idx), y_ND)
+        # Fixed-order fp32 sum over the K slots: deterministic, unlike index_add_ on CUDA.
+        out_TD = (out_TKD.float() * top_k_weights.float().unsqueeze(-1)).sum(dim=1)
+        return out_TD.to(hidden_states.dtype)
+
+
+class SparseMoEBlock(nn.Module):
+    """Router + routed experts + optional (gated) shared experts. (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.gate = SparseMoERouter(config)
+        self.experts = SparseMoEExperts(config)
+        self.shared_experts = (
+            SparseMoEMLP(config, config.shared_expert_intermediate_size) if config.num_shared_experts > 0 else None
+        )
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, hidden_dim)
+        _, top_k_weights_TK, top_k_index_TK, dropped_TK = self.gate(x_TD)
+        if dropped_TK is not None and self.config._experts_implementation in SENTINEL_AWARE_EXPERTS:
+            top_k_index_TK = top_k_index_TK.masked_fill(dropped_TK, self.num_experts)
+        out_TD = self.experts(x_TD, top_k_index_TK, top_k_weights_TK)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            out_TD = out_TD + shared_TD
+        return out_TD.reshape(batch_size, seq_len, hidden_dim)
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+def _token_mask(attention_mask: torch.Tensor | None, num_rows: int) -> torch.Tensor | None:
+    """Flatten a 2D (B, L) padding mask to the (B*S,) rows of the router, S = num_rows / B. During cached generation
+    L covers past tokens too, so the last S columns belong to this forward pass."""
+    if attention_mask is None or attention_mask.dim() != 2 or num_rows % attention_mask.shape[0] != 0:
+        return None
+    seq_len = num_rows // attention_mask.shape[0]
+    if seq_len > attention_mask.shape[1]:
+        return None
+    return attention_mask[:, -seq_len:].reshape(-1).float()
+
+
+def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch.Tensor:
+    """Per-token distribution over experts used by the balancing loss: softmax, or normalised sigmoid scores
+    (DeepSeek-V3's affinity normalisation)."""
+    if router_type == "sigmoid":
+        scores = router_logits.float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
+    return router_logits.float().softmax(dim=-1)
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    router_indices: tuple[torch.Tensor, ...],
+    num_experts: int,
+    router_type: str = "softmax",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch Transformer / Mixtral load-balancing loss, pooled over layers: E * sum_e f_e * P_e, where f_e is the
+    fraction of top-k assignments to expert e (counts sum to K per token) and P_e the mean router probability.
+    Padding positions (attention_mask == 0) are excluded. Equals transformers' `load_balancing_loss_func` for
+    softmax routing."""
+    device = router_logits[0].device
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    total_rows = torch.zeros((), dtype=torch.float32, device=device)
+    for logits_TE, index_TK in zip(router_logits, router_indices):
+        probs_TE = router_probabilities(logits_TE, router_type)
+        mask_T = _token_mask(attention_mask, logits_TE.shape[0])
+        if mask_T is None:
+            mask_T = torch.ones(logits_TE.shape[0], dtype=torch.float32, device=device)
+        mask_T = mask_T.to(device)
+        index_TK = index_TK.to(device)
+        tokens_per_expert = tokens_per_expert.scatter_add(
+            0, index_TK.reshape(-1), mask_T.repeat_interleave(index_TK.shape[1])
+        )
+        prob_per_expert = prob_per_expert + (probs_TE * mask_T.unsqueeze(-1)).sum(dim=0)
+        total_rows = total_rows + mask_T.sum()
+    total_rows = total_rows.clamp(min=1.0)
+    return num_experts * torch.sum((tokens_per_expert / total_rows) * (prob_per_expert / total_rows))
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over (non-padding) tokens of logsumexp(router logits)^2, pooled over layers."""
+    device = router_logits[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    rows = torch.zeros((), dtype=torch.float32, device=device)
+    for logits_TE in router_logits:
+        z_T = torch.logsumexp(logits_TE.float(), dim=-1).pow(2)
+        mask_T = _token_mask(attention_mask, logits_TE.shape[0])
+        if mask_T is None:
+            mask_T = torch.ones_like(z_T)
+        mask_T = mask_T.to(device)
+        total = total + (z_T * mask_T).sum()
+        rows = rows + mask_T.sum()
+    return total / rows.clamp(min=1.0)
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, rate: float | None = None) -> int:
+    """DeepSeek-V3 aux-loss-free balancing: for every router, `bias += rate * sign(mean load - load)` using the
+    expert loads recorded in the last training forward. Call it after each optimizer step. Returns the number of
+    routers updated (0 when the rate is 0)."""
+    updated = 0
+    for module in model.modules():
+        if not isinstance(module, SparseMoERouter):
+            continue
+        step = module.config.router_bias_update_rate if rate is None else rate
+        if step <= 0:
+            continue
+        load_E = module.expert_load.float()
+        if load_E.sum() == 0:
+            continue
+        module.e_score_correction_bias.add_(step * torch.sign(load_E.mean() - load_E))
+        updated += 1
+    return updated
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+class SparseMoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: SparseMoEConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = SparseMoEAttention(config, layer_idx)
+        self.mlp = SparseMoEBlock(config) if config.is_moe_layer(layer_idx) else SparseMoEMLP(config)
+        self.input_layernorm = SparseMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = SparseMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class SparseMoEPreTrainedModel(PreTrainedModel):
+    config_class = SparseMoEConfig
+    config: SparseMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SparseMoEDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # routing has data-dependent shapes
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(SparseMoERouter, index=0),
+        "router_indices": OutputRecorder(SparseMoERouter, index=2),
+        "router_dropped": OutputRecorder(SparseMoERouter, index=3),
+        "hidden_states": SparseMoEDecoderLayer,
+        "attentions": SparseMoEAttention,
+    }
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, SparseMoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, SparseMoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+
+
+def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_mask, cache) -> None:
+    """Turn bad input into a clear error before it becomes an index error deep inside forward."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+    if is_torchdynamo_compiling():
+        return
+    reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+    if reference.dim() != 2:
+        raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(reference.shape)}.")
+    if reference.shape[1] == 0:
+        raise ValueError("Empty sequence: `input_ids` has seq_len 0; give at least one token.")
+    if input_ids is not None and input_ids.numel() > 0:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(
+                f"`input_ids` contains ids outside the vocabulary [0, {config.vocab_size}): min {low}, max {high}."
+            )
+    past = cache.get_seq_length() if cache is not None else 0
+    total = past + reference.shape[1]
+    if total > config.max_position_embeddings and config.rope_parameters.get("rope_type", "default") == "default":
+        raise ValueError(
+            f"Sequence length {total} exceeds max_position_embeddings={config.max_position_embeddings}; "
+            "truncate the input or build the config with a larger max_position_embeddings / RoPE scaling."
+        )
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[0] != reference.shape[0] or attention_mask.shape[1] not in (reference.shape[1], total):
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected ({reference.shape[0]}, "
+                f"{total}) (batch, past + current tokens)."
+            )
+
+
+class SparseMoEModel(SparseMoEPreTrainedModel):
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [SparseMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = SparseMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = SparseMoERotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> SparseMoEModelOutputWithPast:
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return SparseMoEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class _RouterLossMixin:
+    """Shared by every head: run the base model with router outputs recorded whenever a loss or the user needs them,
+    and turn them into the aux loss, z-loss and dropped fraction."""
+
+    def _needs_router_outputs(self, has_labels: bool, output_router_logits: bool | None) -> bool:
+        cfg = self.config
+        wants_losses = has_labels and (cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0)
+        return bool(output_router_logits) or wants_losses or (self.training and cfg.capacity_factor is not None)
+
+    def _router_losses(self, outputs, attention_mask):
+        """(aux_loss, z_loss, dropped_fraction) from recorded router outputs; Nones when not recorded."""
+        logits = outputs.router_logits
+        if not logits:
+            return None, None, None
+        aux_loss = load_balancing_loss(
+            logits, outputs.router_indices, self.config.num_experts, self.config.router_type, attention_mask
+        )
+        z_loss = router_z_loss(logits, attention_mask)
+        dropped = outputs.router_dropped
+        dropped_fraction = torch.stack([d.float().mean() for d in dropped]).mean() if dropped else None
+        return aux_loss, z_loss, dropped_fraction
+
+    def _add_router_losses(self, loss, aux_loss, z_loss):
+        if loss is None or aux_loss is None:
+            return loss
+        if self.config.router_aux_loss_coef > 0:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        if self.config.router_z_loss_coef > 0:
+            loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+        return loss
+
+    def _run_base(self, output_router_logits, has_labels, **model_kwargs):
+        record = self._needs_router_outputs(has_labels, output_router_logits)
+        outputs = self.model(
+            output_router_logits=record, output_router_indices=record, output_router_dropped=record, **model_kwargs
+        )
+        aux_loss, z_loss, dropped_fraction = self._router_losses(outputs, model_kwargs.get("attention_mask"))
+        return outputs, aux_loss, z_loss, dropped_fraction
+
+
+class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__(config)
+        self.model = SparseMoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SparseMoECausalLMOutputWithPast:
+        r"""Causal LM forward. With `labels`, the loss includes `router_aux_loss_coef * aux_loss` and
+        `router_z_loss_coef * z_loss` whenever those coefficients are > 0, with or without `output_router_logits`."""
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs, aux_loss, z_loss, dropped_fraction = self._run_base(
+            output_router_logits,
+            labels is not None,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = self._add_router_losses(loss, aux_loss, z_loss)
+
+        output = SparseMoECausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            dropped_fraction=dropped_fraction,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            router_indices=outputs.router_indices if output_router_logits else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+def _last_non_pad_positions(config, input_ids, batch_size, device):
+    """Index of the rightmost non-padding token per row (works for left and right padding)."""
+    if config.pad_token_id is None:
+        if batch_size != 1:
+            raise ValueError("Sequence classification of batches needs `config.pad_token_id` to find each row's end.")
+        return torch.full((batch_size,), -1, device=device, dtype=torch.long)
+    if input_ids is None:
+        return torch.full((batch_size,), -1, device=device, dtype=torch.long)
+    non_pad = (input_ids != config.pad_token_id).to(device, torch.int32)
+    positions = torch.arange(input_ids.shape[-1], device=device, dtype=torch.int32)
+    return (positions * non_pad).argmax(-1)
+
+
+class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedModel):
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SparseMoEModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=None,
+        return_dict=None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs, aux_loss, z_loss, _ = self._run_base(
+            output_router_logits,
+            labels is not None,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch_size = logits.shape[0]
+        last = _last_non_pad_positions(self.config, input_ids, batch_size, logits.device)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            loss = self._add_router_losses(loss, aux_loss, z_loss)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class SparseMoEForTokenClassification(_RouterLossMixin, SparseMoEPreTrainedModel):
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SparseMoEModel(config)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.1)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=None,
+        return_dict=None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        outputs, aux_loss, z_loss, _ = self._run_base(
+            output_router_logits,
+            labels is not None,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+            loss = self._add_router_losses(loss, aux_loss, z_loss)
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class SparseMoEForQuestionAnswering(_RouterLossMixin, SparseMoEPreTrainedModel):
+    def __init__(self, config: SparseMoEConfig):
+        super().__init__(config)
+        self.model = SparseMoEModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_router_logits=None,
+        return_dict=None,
+        **kwargs,
+    ) -> QuestionAnsweringModelOutput:
+        has_labels = start_positions is not None and end_positions is not None
+        outputs, aux_loss, z_loss, _ = self._run_base(
+            output_router_logits,
+            has_labels,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = logits.split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if has_labels:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+            loss = self._add_router_losses(loss, aux_loss, z_loss)
+        output = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "SparseMoEPreTrainedModel",
+    "SparseMoEModel",
+    "SparseMoEForCausalLM",
+    "SparseMoEForSequenceClassification",
+    "SparseMoEForTokenClassification",
+    "SparseMoEForQuestionAnswering",
+    "SparseMoERouter",
+    "SparseMoEExperts",
+    "SparseMoEBlock",
+    "SparseMoEAttention",
+    "SparseMoEDecoderLayer",
+    "load_balancing_loss",
+    "router_z_loss",
+    "update_router_biases",
+]
