@@ -44,7 +44,7 @@ class SparseMoEConfig(PreTrainedConfig):
         use_cache (`bool`, defaults to `True`): return a KV cache from the forward pass.
 
     Experts:
-        num_experts (`int`, defaults to 8): routed experts E per MoE layer.
+        num_experts (`int`, defaults to 8): routed experts E per MoE layer; 0 builds a dense model.
         num_experts_per_tok (`int`, defaults to 2): experts K chosen per token (1 = Switch top-1).
         moe_intermediate_size (`int`, defaults to 1408): hidden width F of each routed expert.
         num_shared_experts (`int`, defaults to 0): experts every token goes through (fused into one MLP).
@@ -245,8 +245,6 @@ class SparseMoEConfig(PreTrainedConfig):
             for i in self.mlp_only_layers
         ):
             fail("mlp_only_layers", f"must be a list of layer indices in [0, {self.num_hidden_layers})")
-        if self.num_experts == 0 and any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
-            fail("num_experts", "must be > 0 when some layer is an MoE layer")
         for field in ("attention_bias", "attention_out_bias", "tie_word_embeddings", "norm_topk_prob",
                       "output_router_logits", "use_cache"):
             if not isinstance(getattr(self, field), bool):
