@@ -198,3 +198,15 @@ def test_config_dir_loads_with_autoconfig():
     assert round(olmoe.num_parameters() / 1e9, 1) == 6.9
     tiny = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root / "tiny"))
     assert tiny.num_parameters() == tiny.config.num_parameters()
+
+
+def test_flex_attention_matches_eager_at_inference():
+    torch.manual_seed(0)
+    model = SparseMoEForCausalLM(tiny_config()).eval()
+    ids = _ids()
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        flex = model(ids).logits
+        model.set_attn_implementation("eager")
+        eager = model(ids).logits
+    torch.testing.assert_close(flex, eager, atol=1e-5, rtol=1e-4)
