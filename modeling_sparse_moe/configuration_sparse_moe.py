@@ -4,6 +4,8 @@
 Hub-facing file: it is copied next to `config.json` and must import only torch, transformers and its siblings.
 """
 
+import math
+
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -161,7 +163,21 @@ class SparseMoEConfig(PreTrainedConfig):
     router_bias_update_rate: float | int = 0.0
     output_router_logits: bool = False
 
+    def __setattr__(self, key, value):
+        # NOTE: PreTrainedConfig is a huggingface_hub strict dataclass. Depending on the installed versions its type
+        # validators raise `StrictDataclassFieldValidationError`, which is not a ValueError. Re-raise it as ours, so
+        # that every bad value reads the same: a ValueError naming the field. (Matched by name: this file imports only
+        # torch and transformers.)
+        try:
+            super().__setattr__(key, value)
+        except Exception as error:
+            if type(error).__name__ != "StrictDataclassFieldValidationError":
+                raise
+            cause = error.__cause__ or error
+            raise ValueError(f"SparseMoEConfig.{key}={value!r} is invalid: {cause}") from error
+
     def __post_init__(self, **kwargs):
+        self._check_fields_read_by_parent_post_init()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
@@ -169,18 +185,71 @@ class SparseMoEConfig(PreTrainedConfig):
                 self.head_dim = self.hidden_size // self.num_attention_heads
         if self.attention_out_bias is None:
             self.attention_out_bias = self.attention_bias
-        self.mlp_only_layers = [] if self.mlp_only_layers is None else list(self.mlp_only_layers)
-        if self.shared_expert_intermediate_size is None and self.num_shared_experts:
+        if self.mlp_only_layers is None:
+            self.mlp_only_layers = []
+        elif isinstance(self.mlp_only_layers, (list, tuple)):
+            self.mlp_only_layers = list(self.mlp_only_layers)
+        if (
+            self.shared_expert_intermediate_size is None
+            and _is_int(self.num_shared_experts)
+            and _is_int(self.moe_intermediate_size)
+            and self.num_shared_experts > 0
+        ):
             self.shared_expert_intermediate_size = self.moe_intermediate_size * self.num_shared_experts
         super().__post_init__(**kwargs)
         self._check_sparse_moe_fields()
 
     # ------------------------------------------------------------------ validation
+    def _fail(self, field, rule):
+        raise ValueError(f"SparseMoEConfig.{field}={getattr(self, field, None)!r} is invalid: {rule}")
+
+    def _check_fields_read_by_parent_post_init(self):
+        """PreTrainedConfig.__post_init__ indexes these fields; a wrong type would crash there with an AttributeError
+        or TypeError that does not name the field."""
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            self._fail("rope_parameters", "must be a dict of RoPE settings (rope_type, rope_theta, ...) or None")
+        for field in ("id2label", "label2id"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, dict):
+                self._fail(field, "must be a dict or None")
+        if self.id2label is not None:
+            try:
+                {int(key): label for key, label in self.id2label.items()}
+            except (TypeError, ValueError):
+                self._fail("id2label", "keys must be label ids (integers, or strings of integers)")
+        if self.dtype is not None:
+            import torch
+
+            named = getattr(torch, self.dtype, None) if isinstance(self.dtype, str) else self.dtype
+            if not isinstance(named, torch.dtype):
+                self._fail("dtype", "must be a torch.dtype, the name of one (e.g. 'bfloat16'), or None")
+
+    def _check_rope_parameters(self):
+        """RoPE settings must build finite frequencies for our rotary embedding (a flat dict, a known rope_type)."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = self.rope_parameters
+        rope_type = rope.get("rope_type") if isinstance(rope, dict) else None
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            self._fail("rope_parameters", f"rope_type must be 'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}")
+        theta = rope.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            self._fail("rope_parameters", "rope_theta must be a finite number > 0")
+        if "factor" in rope and not (_is_finite_number(rope["factor"]) and rope["factor"] >= 1):
+            self._fail("rope_parameters", "factor must be a finite number >= 1")
+        try:
+            self.validate_rope()
+            if rope_type != "default":
+                inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](self)
+                if not (bool(inv_freq.isfinite().all()) and math.isfinite(attention_factor)):
+                    raise ValueError("the settings give non-finite RoPE frequencies")
+        except (KeyError, ValueError, TypeError, ZeroDivisionError) as error:
+            self._fail("rope_parameters", f"{type(error).__name__}: {error}")
+
     def _check_sparse_moe_fields(self):
         """Reject invalid values at build time with a `ValueError` that names the field and the rule."""
 
-        def fail(field, rule):
-            raise ValueError(f"SparseMoEConfig.{field}={getattr(self, field)!r} is invalid: {rule}")
+        fail = self._fail
 
         def check_int(field, minimum):
             value = getattr(self, field)
@@ -198,8 +267,8 @@ class SparseMoEConfig(PreTrainedConfig):
         for field in ("rms_norm_eps", "initializer_range", "router_aux_loss_coef", "router_z_loss_coef",
                       "router_bias_update_rate", "router_jitter_noise", "attention_dropout"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                fail(field, "must be a number")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(field, "must be a finite number")
             if value < 0:
                 fail(field, "must be >= 0 (coefficients, rates and probabilities cannot be negative)")
         if self.rms_norm_eps <= 0:
@@ -210,7 +279,10 @@ class SparseMoEConfig(PreTrainedConfig):
             fail("router_jitter_noise", "must be < 1 (the noise multiplies the input by U(1 - eps, 1 + eps))")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
-        if self.hidden_act not in _known_activations():
+        if self.head_dim % 2 != 0:
+            fail("head_dim", "must be even: RoPE rotates pairs of dimensions (it defaults to "
+                 "hidden_size // num_attention_heads)")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _known_activations():
             fail("hidden_act", f"must be one of transformers' activations, e.g. 'silu', 'gelu'")
         if self.qk_norm not in QK_NORM_TYPES:
             fail("qk_norm", f"must be one of {QK_NORM_TYPES}")
@@ -228,12 +300,12 @@ class SparseMoEConfig(PreTrainedConfig):
             if self.n_group > 1 and self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok:
                 fail("topk_group", "the chosen groups must hold at least num_experts_per_tok experts")
         if self.capacity_factor is not None:
-            if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)):
-                fail("capacity_factor", "must be a number or None (dropless)")
+            if not _is_finite_number(self.capacity_factor):
+                fail("capacity_factor", "must be a finite number or None (dropless)")
             if self.capacity_factor <= 0:
                 fail("capacity_factor", "must be > 0, or None for dropless routing")
-        if isinstance(self.routed_scaling_factor, bool) or not isinstance(self.routed_scaling_factor, (int, float)):
-            fail("routed_scaling_factor", "must be a number")
+        if not _is_finite_number(self.routed_scaling_factor):
+            fail("routed_scaling_factor", "must be a finite number")
         if self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be > 0")
         if self.num_shared_experts > 0:
@@ -246,9 +318,28 @@ class SparseMoEConfig(PreTrainedConfig):
         ):
             fail("mlp_only_layers", f"must be a list of layer indices in [0, {self.num_hidden_layers})")
         for field in ("attention_bias", "attention_out_bias", "tie_word_embeddings", "norm_topk_prob",
-                      "output_router_logits", "use_cache"):
+                      "output_router_logits", "use_cache", "is_encoder_decoder", "shared_expert_gate"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "must be True or False")
+        for field in ("output_hidden_states", "return_dict"):
+            if getattr(self, field) is not None and not isinstance(getattr(self, field), bool):
+                fail(field, "must be True, False or None")
+        if self.problem_type not in (None, "regression", "single_label_classification", "multi_label_classification"):
+            fail("problem_type", "must be None, 'regression', 'single_label_classification' or "
+                 "'multi_label_classification'")
+        check_int("chunk_size_feed_forward", 0)
+        # NOTE: out-of-vocabulary pad ids crash nn.Embedding(padding_idx=...) at build, and a negative one silently
+        # means vocab_size - 1 there; bos/eos only need the right type (generation just never emits an unknown id).
+        if self.pad_token_id is not None and (
+            not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size
+        ):
+            fail("pad_token_id", f"must be None or a token id in [0, vocab_size={self.vocab_size})")
+        if self.bos_token_id is not None and not _is_int(self.bos_token_id):
+            fail("bos_token_id", "must be None or an integer token id")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if self.eos_token_id is not None and not all(_is_int(i) for i in eos):
+            fail("eos_token_id", "must be None, an integer token id or a list of them")
+        self._check_rope_parameters()
 
     # ------------------------------------------------------------------ structure
     def is_moe_layer(self, layer_idx: int) -> bool:
@@ -300,6 +391,14 @@ class SparseMoEConfig(PreTrainedConfig):
     def num_active_parameters(self) -> int:
         """Parameters one token touches in `SparseMoEForCausalLM` (K routed experts instead of E)."""
         return self._parameter_counts()[1]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _known_activations():

@@ -48,7 +48,7 @@ from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_sparse_moe import SparseMoEConfig
-from .modeling_sparse_moe import SparseMoEForCausalLM
+from .modeling_sparse_moe import AUTO_MAP, SparseMoEForCausalLM
 
 
 logger = logging.get_logger(__name__)
@@ -375,7 +375,7 @@ def hf_config_from_sparse(
         attention_dropout=config.attention_dropout,
         tie_word_embeddings=config.tie_word_embeddings,
         initializer_range=config.initializer_range,
-        pad_token_id=config.pad_token_id,
+        pad_token_id=_pad_id(config),
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         use_cache=config.use_cache,
@@ -495,7 +495,7 @@ def _transformer_fields(cfg: PreTrainedConfig, problems: list[str]) -> dict:
         attention_dropout=cfg.attention_dropout,
         tie_word_embeddings=cfg.tie_word_embeddings,
         initializer_range=cfg.initializer_range,
-        pad_token_id=cfg.pad_token_id,
+        pad_token_id=_pad_id(cfg),
         bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
         use_cache=cfg.use_cache,
@@ -898,6 +898,12 @@ class _ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _pad_id(config) -> int | None:
+    """Some Hub configs carry `pad_token_id=-1` (or an id past the vocabulary) to mean "none"; we store None."""
+    pad = config.pad_token_id
+    return pad if isinstance(pad, int) and 0 <= pad < config.vocab_size else None
+
+
 def _save_sparse_config(config: SparseMoEConfig, folder: Path, dtype: torch.dtype) -> None:
     """config.json with `auto_map`, the Hub-facing code files, and a generation config: what `save_pretrained` of a
     SparseMoEForCausalLM writes besides the weights."""
@@ -907,6 +913,8 @@ def _save_sparse_config(config: SparseMoEConfig, folder: Path, dtype: torch.dtyp
     with torch.device("meta"), no_init_weights():
         model = SparseMoEForCausalLM(copy.deepcopy(config))
     if model.is_remote_code():
+        # Same auto_map as SparseMoEPreTrainedModel.save_pretrained: every head, not only the causal LM.
+        config.auto_map = {auto: f"modeling_sparse_moe.{name}" for auto, name in AUTO_MAP.items()}
         custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)

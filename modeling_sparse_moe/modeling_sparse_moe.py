@@ -40,6 +40,7 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_sparse_moe import SparseMoEConfig
+from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 
 
 # ----------------------------------------------------------------------------------------------------------- outputs
@@ -274,6 +275,18 @@ class SparseMoERouter(nn.Module):
         # Assignments per expert in the last training forward (read by `update_router_biases`).
         self.expert_load = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # NOTE: `model.to(torch.bfloat16)` would cast these buffers too: in bf16, bias updates of 1e-3 vanish once
+        # |bias| nears 0.5 and loads above 256 round, so the balancing silently stops. Keep them fp32 (from_pretrained
+        # does the same through `_keep_in_fp32_modules_strict`); only their device follows `fn`.
+        kept = {name: self._buffers[name] for name in ("e_score_correction_bias", "expert_load")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device) if not before.is_meta else after.float()
+        return self
+
     def scores(self, router_logits_TE: torch.Tensor) -> torch.Tensor:
         if self.router_type == "sigmoid":
             return router_logits_TE.sigmoid()
@@ -313,7 +326,9 @@ class SparseMoERouter(nn.Module):
         if self.training and self.config.router_jitter_noise > 0:
             noise = self.config.router_jitter_noise
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - noise, 1.0 + noise)
-        router_logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # NOTE: under autocast F.linear would run in bf16/fp16 even on fp32 inputs; routing needs fp32 logits.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            router_logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = self.scores(router_logits_TE)
         top_k_index_TK = self.select(scores_TE)
         top_k_weights_TK = scores_TE.gather(1, top_k_index_TK)
@@ -546,6 +561,21 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
         "attentions": SparseMoEAttention,
     }
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # NOTE: unset means our sort-once dispatch (moe_dispatch.py); "eager" stays available as the reference.
+        requested_experts = SPARSE_MOE_EXPERTS if requested_experts is None else requested_experts
+        return super().get_correct_experts_implementation(requested_experts)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # NOTE: transformers writes the `auto_map` entry of the saved class only, so a folder saved from the causal LM
+        # could not be opened with AutoModelForSequenceClassification(trust_remote_code=True). List every head.
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.update({auto: f"{module}.{name}" for auto, name in AUTO_MAP.items()})
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -568,6 +598,12 @@ def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_m
         raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(reference.shape)}.")
     if reference.shape[1] == 0:
         raise ValueError("Empty sequence: `input_ids` has seq_len 0; give at least one token.")
+    if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
+        raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if inputs_embeds is not None and inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(
+            f"`inputs_embeds` has width {inputs_embeds.shape[-1]}; expected hidden_size={config.hidden_size}."
+        )
     if input_ids is not None and input_ids.numel() > 0:
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= config.vocab_size:
@@ -580,6 +616,11 @@ def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_m
         raise ValueError(
             f"Sequence length {total} exceeds max_position_embeddings={config.max_position_embeddings}; "
             "truncate the input or build the config with a larger max_position_embeddings / RoPE scaling."
+        )
+    if attention_mask is not None and attention_mask.dim() not in (2, 4):
+        raise ValueError(
+            f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected a 2D padding mask (batch, past + "
+            "current tokens) or a 4D mask (batch, 1, query tokens, key tokens)."
         )
     if attention_mask is not None and attention_mask.dim() == 2:
         if attention_mask.shape[0] != reference.shape[0] or attention_mask.shape[1] not in (reference.shape[1], total):
@@ -648,6 +689,14 @@ class SparseMoEModel(SparseMoEPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return SparseMoEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def _zero_loss_without_targets(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """A mean cross-entropy over zero supervised positions is 0/0 = NaN. Return 0 instead, kept in the graph (zero
+    gradients, every parameter still used) so one all-ignored batch cannot poison a training run."""
+    if is_torchdynamo_compiling() or bool((targets != ignore_index).any()):
+        return loss
+    return logits.float().sum() * 0.0
 
 
 class _RouterLossMixin:
@@ -740,6 +789,8 @@ class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, Generatio
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            targets = kwargs["shift_labels"] if kwargs.get("shift_labels") is not None else labels[..., 1:]
+            loss = _zero_loss_without_targets(loss, logits, targets, kwargs.get("ignore_index", -100))
             loss = self._add_router_losses(loss, aux_loss, z_loss)
 
         output = SparseMoECausalLMOutputWithPast(
@@ -871,6 +922,7 @@ class SparseMoEForTokenClassification(_RouterLossMixin, SparseMoEPreTrainedModel
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config)
+            loss = _zero_loss_without_targets(loss, logits, labels, -100)
             loss = self._add_router_losses(loss, aux_loss, z_loss)
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -932,6 +984,15 @@ class SparseMoEForQuestionAnswering(_RouterLossMixin, SparseMoEPreTrainedModel):
         )
         return output if return_dict is not False else output.to_tuple()
 
+
+# Auto class -> head, written into `config.auto_map` by `save_pretrained` for every head at once.
+AUTO_MAP = {
+    "AutoModel": "SparseMoEModel",
+    "AutoModelForCausalLM": "SparseMoEForCausalLM",
+    "AutoModelForSequenceClassification": "SparseMoEForSequenceClassification",
+    "AutoModelForTokenClassification": "SparseMoEForTokenClassification",
+    "AutoModelForQuestionAnswering": "SparseMoEForQuestionAnswering",
+}
 
 __all__ = [
     "SparseMoEPreTrainedModel",

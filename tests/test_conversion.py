@@ -686,3 +686,15 @@ def test_cli_failure_mid_stream_leaves_nothing(hf_models, tmp_path, capsys):
     assert "convert.py: error:" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "nested").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_out_of_vocab_pad_token_id_becomes_none():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from modeling_sparse_moe.conversion import from_hf
+
+    source = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, pad_token_id=-1,
+    ))
+    assert from_hf(source).config.pad_token_id is None

@@ -210,3 +210,20 @@ def test_flex_attention_matches_eager_at_inference():
         model.set_attn_implementation("eager")
         eager = model(ids).logits
     torch.testing.assert_close(flex, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_save_pretrained_auto_map_lists_every_head(tmp_path):
+    import json
+
+    SparseMoEForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_sparse_moe.SparseMoEConfig",
+        "AutoModel": "modeling_sparse_moe.SparseMoEModel",
+        "AutoModelForCausalLM": "modeling_sparse_moe.SparseMoEForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_sparse_moe.SparseMoEForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_sparse_moe.SparseMoEForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_sparse_moe.SparseMoEForQuestionAnswering",
+    }
+    for name in auto_map.values():
+        assert (tmp_path / f"{name.split('.')[0]}.py").exists()

@@ -1,0 +1,347 @@
+# Copyright 2026 The sparse-moe authors. Licensed under the Apache License, Version 2.0.
+"""Fast expert dispatch for SparseMoE, registered in transformers' `ExpertsInterface` as `"sparse_moe"`.
+
+Hub-facing file: it is copied next to `config.json` and must import only torch, transformers and its siblings.
+`modeling_sparse_moe.py` imports it, which registers the implementation and makes it the default.
+
+Shape legend: T tokens, K experts per token, A = T*K assignments, N assignments actually computed (A minus the
+dropped ones), E experts, D hidden, F expert hidden. `x_TD` is a (T, D) tensor; `w_EFD` an (E, F, D) weight.
+
+How it works:
+  1. Plan (`plan_dispatch`): sort the A assignments by expert once and read the per-expert counts back to the host
+     with a single `.tolist()`. Dropped assignments (index >= E, the capacity sentinel) sort to the tail and are never
+     computed. When no two assignments share an expert (always the case for one token: decode), the plan keeps the
+     assignments in their own order and skips the sort and the un-sort entirely.
+  2. Experts: one grouped GEMM per projection over the contiguous per-expert segments (`torch.nn.functional.
+     grouped_mm` where it runs, else one `torch.mm` per non-empty segment). Only the weights of experts that received
+     tokens are read; no expert is padded to a capacity.
+  3. Combine: the N outputs are put back in (T, K) order (unique positions, no accumulation) and the K slots of a
+     token are summed in a fixed order, as in the eager reference: deterministic on every device.
+  4. Backward (`_UpProjection`, `_DownProjection`): grouped GEMMs too. A weight gradient is written only for experts
+     that received tokens (one mm straight into the (E, 2F, D) / (E, D, F) gradient); idle experts get zeros. The
+     autograd graph of the eager loop instead materialises a full-size 3D gradient per expert.
+
+NOTE (measured on CPU, fp32, 2 threads; see scripts/bench_moe.py): `grouped_mm` beat a python loop of `torch.mm` by
+5-25% (its loop runs in C++), so the loop only serves the decode plan and devices without a grouped kernel. Weight
+gradients always use the loop: it skips idle experts, which `grouped_mm` does not.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ExpertsInterface
+from transformers.utils.import_utils import is_torch_greater_or_equal
+
+
+SPARSE_MOE_EXPERTS = "sparse_moe"
+# NOTE: glibc hands allocations above 32 MiB fresh mmap pages, whose page faults cost ~12% of a whole MoE layer at
+# 2048 tokens (shape A, CPU). Above this size the (N, 2F) gate/up product is computed as two (N, F) halves.
+FUSED_GATE_UP_MAX_BYTES = 32 * 2**20
+
+
+# -------------------------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Where the rows of one experts call come from and which expert computes them.
+
+    num_tokens, top_k: T and K.
+    rows_N: positions in the flattened (T*K,) assignments of the N computed rows, grouped by expert in expert order;
+        `None` means the rows are the A assignments in their own order (no sort, no un-sort: the decode path).
+    token_N: token each computed row reads, (N,) long.
+    segments: `(expert, start, end)` for every expert with at least one row; rows `start:end` belong to `expert`.
+    offsets_E: (E,) int32 cumulative row counts (the `offs` of `grouped_mm`); `None` when rows are not grouped.
+    """
+
+    num_tokens: int
+    top_k: int
+    rows_N: torch.Tensor | None
+    token_N: torch.Tensor
+    segments: tuple[tuple[int, int, int], ...]
+    offsets_E: torch.Tensor | None
+
+    @property
+    def num_rows(self) -> int:
+        return self.token_N.shape[0]
+
+    def idle_experts(self, num_experts: int) -> list[tuple[int, int]]:
+        """Maximal `[start, end)` runs of experts that received no rows (their weight gradients are zero)."""
+        runs, previous_end = [], 0
+        for expert, _, _ in sorted(self.segments) + [(num_experts, 0, 0)]:
+            if expert > previous_end:
+                runs.append((previous_end, expert))
+            previous_end = expert + 1
+        return runs
+
+
+def plan_dispatch(top_k_index_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """Group the assignments by expert with one host sync. Indices >= `num_experts` (dropped) are skipped."""
+    num_tokens, top_k = top_k_index_TK.shape
+    device = top_k_index_TK.device
+    experts_A = top_k_index_TK.reshape(-1)
+    num_assignments = experts_A.numel()
+
+    if num_assignments <= num_experts:
+        # NOTE: few assignments (decode): read them to the host (the one sync) and plan there, no device sort.
+        experts = experts_A.tolist()
+        if len(set(experts)) == num_assignments and max(experts, default=-1) < num_experts:
+            # Every assignment is its own expert's only row: rows stay in (T, K) order, nothing to sort or un-sort.
+            token_N = torch.arange(num_assignments, device=device) // top_k
+            segments = tuple((expert, a, a + 1) for a, expert in enumerate(experts))
+            return DispatchPlan(num_tokens, top_k, None, token_N, segments, None)
+        rows = sorted((a for a in range(num_assignments) if experts[a] < num_experts), key=experts.__getitem__)
+        counts = [0] * num_experts
+        for a in rows:
+            counts[experts[a]] += 1
+        rows_N = torch.tensor(rows, dtype=torch.long, device=device)
+    else:
+        # Stable sort: rows of one expert keep token order, so results do not depend on the sort implementation.
+        sorted_experts_A, order_A = torch.sort(experts_A, stable=True)
+        counts = torch.bincount(sorted_experts_A, minlength=num_experts)[:num_experts].tolist()  # the one host sync
+        rows_N = order_A[: sum(counts)]  # dropped (sentinel) assignments sort to the tail and are cut off here
+    segments, offsets, start = [], [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            segments.append((expert, start, start + count))
+            start += count
+        offsets.append(start)
+    offsets_E = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return DispatchPlan(num_tokens, top_k, rows_N, rows_N // top_k, tuple(segments), offsets_E)
+
+
+# ----------------------------------------------------------------------------------------------------------- compute
+def _grouped_mm_usable(a_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs on these operands: a kernel for the device, 16-byte aligned operands."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    device = a_NI.device
+    if device.type == "cpu":
+        if not is_torch_greater_or_equal("2.9", accept_dev=True):  # no CPU kernel before
+            return False
+    elif device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False
+    else:
+        return False
+    for t in (a_NI, w_EOI):
+        if t.data_ptr() % 16 or any(s != 1 and (s * t.element_size()) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def _grouped_linear(a_NI: torch.Tensor, w_EOI: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """out[s:e] = a[s:e] @ w[expert].T for every segment: a grouped `F.linear`. `w_EOI` may be a strided view."""
+    if plan.offsets_E is not None and plan.segments and _grouped_mm_usable(a_NI, w_EOI):
+        try:
+            return F.grouped_mm(a_NI, w_EOI.mT, offs=plan.offsets_E)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # NOTE: a layout constraint of some device's kernel that the check above misses
+            pass
+    out_NO = a_NI.new_empty(a_NI.shape[0], w_EOI.shape[1])
+    for expert, start, end in plan.segments:
+        torch.mm(a_NI[start:end], w_EOI[expert].t(), out=out_NO[start:end])
+    return out_NO
+
+
+def _segment_weight_grad(grad_NO: torch.Tensor, a_NI: torch.Tensor, plan: DispatchPlan, out_EOI: torch.Tensor):
+    """out[expert] = grad[s:e].T @ a[s:e], written in place (`out_EOI` may be a view); idle experts get zeros."""
+    for expert, start, end in plan.segments:
+        torch.mm(grad_NO[start:end].t(), a_NI[start:end], out=out_EOI[expert])
+    for start, end in plan.idle_experts(out_EOI.shape[0]):
+        out_EOI[start:end].zero_()
+    return out_EOI
+
+
+def _is_silu(act_fn) -> bool:
+    return isinstance(act_fn, (SiLUActivation, torch.nn.SiLU))
+
+
+def _gated_act_backward(act_fn, gate_NF: torch.Tensor, up_NF: torch.Tensor, grad_g_NF: torch.Tensor):
+    """(grad gate, grad up) of `act(gate) * up`, recomputing the activation."""
+    grad_act_NF = grad_g_NF * up_NF
+    if _is_silu(act_fn):
+        grad_gate_NF = torch.ops.aten.silu_backward(grad_act_NF, gate_NF)
+        act_NF = F.silu(gate_NF)
+    else:
+        with torch.enable_grad():
+            leaf_NF = gate_NF.detach().requires_grad_(True)
+            act_NF = act_fn(leaf_NF)
+            grad_gate_NF = torch.autograd.grad(act_NF, leaf_NF, grad_act_NF)[0]
+        act_NF = act_NF.detach().clone()  # an identity activation would hand back the saved gate itself
+    del grad_act_NF
+    return grad_gate_NF, act_NF.mul_(grad_g_NF)
+
+
+def _unsort_rows(rows_NX: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Computed rows back to (T, K, X) assignment order; dropped assignments are zero rows."""
+    num_tokens, top_k = plan.num_tokens, plan.top_k
+    if plan.rows_N is None:
+        return rows_NX.view(num_tokens, top_k, -1)
+    num_assignments = num_tokens * top_k
+    alloc = torch.empty if plan.num_rows == num_assignments else torch.zeros
+    rows_AX = alloc(num_assignments, rows_NX.shape[-1], dtype=rows_NX.dtype, device=rows_NX.device)
+    rows_AX.index_copy_(0, plan.rows_N, rows_NX)  # unique positions: no accumulation, deterministic
+    return rows_AX.view(num_tokens, top_k, -1)
+
+
+def _per_row(values_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    values_A = values_TK.reshape(-1)
+    return values_A if plan.rows_N is None else values_A.index_select(0, plan.rows_N)
+
+
+def _scale_rows_(rows_NX: torch.Tensor, weights_N1: torch.Tensor) -> torch.Tensor:
+    """rows * weight computed in fp32 and cast back to the rows' dtype; in place when the rows are fp32."""
+    if rows_NX.dtype == torch.float32:
+        return rows_NX.mul_(weights_N1)
+    return (rows_NX.float() * weights_N1).to(rows_NX.dtype)
+
+
+def _combine(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """sum_k weight[t, k] * y[t, k] in fp32, summed over the K slots in a fixed order (consumes y_ND)."""
+    if y_ND.dtype == torch.float32:  # same products as the reference, without an extra (A, D) buffer
+        _scale_rows_(y_ND, _per_row(top_k_weights_TK, plan).float().unsqueeze(-1))
+        return _unsort_rows(y_ND, plan).sum(dim=1)
+    return (_unsort_rows(y_ND, plan).float() * top_k_weights_TK.float().unsqueeze(-1)).sum(dim=1)
+
+
+def _up_projection(x_TD, gate_up_EHD, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_NF, up_NF) pre-activations of the computed rows: one (N, 2F) product, or two (N, F) when that is big."""
+    ffn_dim = gate_up_EHD.shape[1] // 2
+    x_ND = x_TD.index_select(0, plan.token_N)
+    if plan.num_rows * gate_up_EHD.shape[1] * x_ND.element_size() <= FUSED_GATE_UP_MAX_BYTES:
+        gate_NF, up_NF = _grouped_linear(x_ND, gate_up_EHD, plan).chunk(2, dim=-1)
+        return gate_NF, up_NF
+    return _grouped_linear(x_ND, gate_up_EHD[:, :ffn_dim], plan), _grouped_linear(x_ND, gate_up_EHD[:, ffn_dim:], plan)
+
+
+def _down_projection(gate_NF, up_NF, top_k_weights_TK, down_EDF, act_fn, plan: DispatchPlan, in_place: bool):
+    """Gated activation, down product and combine -> (T, D). `in_place` reuses the gate buffer (inference)."""
+    if in_place:
+        g_NF = (F.silu(gate_NF, inplace=True) if _is_silu(act_fn) else act_fn(gate_NF)).mul_(up_NF)
+    else:
+        g_NF = act_fn(gate_NF) * up_NF
+    y_ND = _grouped_linear(g_NF, down_EDF, plan)
+    del g_NF
+    return _combine(y_ND, top_k_weights_TK, plan).to(gate_NF.dtype)
+
+
+def _experts_inference(x_TD, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn, plan: DispatchPlan) -> torch.Tensor:
+    gate_NF, up_NF = _up_projection(x_TD, gate_up_EHD, plan)
+    return _down_projection(gate_NF, up_NF, top_k_weights_TK, down_EDF, act_fn, plan, in_place=True)
+
+
+# NOTE: training uses two autograd nodes, not one. Autograd frees the pre-activations saved by `_DownProjection` as
+# soon as its backward returns, before `_UpProjection` builds the (E, 2F, D) gradient: with one node they would still
+# be held there, and the peak would exceed transformers' grouped_mm by their size.
+class _UpProjection(torch.autograd.Function):
+    """(x_TD, gate_up_EHD) -> (gate_NF, up_NF). Backward: grouped input gradient, per-expert weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x_TD, gate_up_EHD, plan):
+        ctx.plan = plan
+        ctx.save_for_backward(x_TD, gate_up_EHD)
+        return _up_projection(x_TD, gate_up_EHD, plan)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_gate_NF, grad_up_NF):
+        x_TD, gate_up_EHD = ctx.saved_tensors
+        plan, (need_x, need_gate_up) = ctx.plan, ctx.needs_input_grad[:2]
+        ffn_dim = gate_up_EHD.shape[1] // 2
+        grad_x_TD = grad_gate_up_EHD = None
+        if need_x:
+            grad_x_ND = _grouped_linear(grad_gate_NF, gate_up_EHD[:, :ffn_dim].mT, plan)
+            grad_x_ND += _grouped_linear(grad_up_NF, gate_up_EHD[:, ffn_dim:].mT, plan)
+            # Fixed-order sum over the K copies of a token (the gather's backward, without index_add_).
+            grad_x_TD = _unsort_rows(grad_x_ND, plan).sum(dim=1).to(x_TD.dtype)
+            del grad_x_ND
+        if need_gate_up:
+            x_ND = x_TD.index_select(0, plan.token_N)
+            grad_gate_up_EHD = torch.empty_like(gate_up_EHD)
+            _segment_weight_grad(grad_gate_NF, x_ND, plan, grad_gate_up_EHD[:, :ffn_dim])
+            _segment_weight_grad(grad_up_NF, x_ND, plan, grad_gate_up_EHD[:, ffn_dim:])
+        return grad_x_TD, grad_gate_up_EHD, None
+
+
+class _DownProjection(torch.autograd.Function):
+    """(gate_NF, up_NF, top_k_weights_TK, down_EDF) -> out_TD: activation, down product, weighted combine.
+
+    Saves only gate and up. NOTE: the routing-weight gradient <grad_out, y> is computed as
+    <grad_out @ W_down, act(gate) * up> = <u, g>, so y (N, D) need not be kept; u is also what the activation
+    gradient needs (scaled by the routing weight).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_NF, up_NF, top_k_weights_TK, down_EDF, act_fn, plan):
+        ctx.act_fn, ctx.plan = act_fn, plan
+        ctx.save_for_backward(gate_NF, up_NF, top_k_weights_TK, down_EDF)
+        return _down_projection(gate_NF, up_NF, top_k_weights_TK, down_EDF, act_fn, plan, in_place=False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out_TD):
+        gate_NF, up_NF, top_k_weights_TK, down_EDF = ctx.saved_tensors
+        plan, act_fn = ctx.plan, ctx.act_fn
+        need_gate, need_up, need_weights, need_down = ctx.needs_input_grad[:4]
+        need_h = need_gate or need_up
+        grad_out_ND = grad_out_TD.to(gate_NF.dtype).index_select(0, plan.token_N)
+        g_NF = act_fn(gate_NF) * up_NF if (need_weights or need_down) else None
+        u_NF = _grouped_linear(grad_out_ND, down_EDF.mT, plan) if (need_weights or need_h) else None
+
+        grad_weights_TK = None
+        if need_weights:
+            grad_weights_N = (u_NF.float() * g_NF.float()).sum(dim=-1)
+            grad_weights_TK = _unsort_rows(grad_weights_N.unsqueeze(-1), plan).view_as(top_k_weights_TK)
+            grad_weights_TK = grad_weights_TK.to(top_k_weights_TK.dtype)
+        # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
+        weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+        grad_down_EDF = None
+        if need_down:
+            grad_y_ND = _scale_rows_(grad_out_ND, weights_N1)  # grad_out_ND is our own gathered copy
+            grad_down_EDF = _segment_weight_grad(grad_y_ND, g_NF, plan, torch.empty_like(down_EDF))
+            del grad_y_ND
+        del grad_out_ND, g_NF
+        grad_gate_NF = grad_up_NF = None
+        if need_h:
+            grad_gate_NF, grad_up_NF = _gated_act_backward(act_fn, gate_NF, up_NF, _scale_rows_(u_NF, weights_N1))
+        return grad_gate_NF, grad_up_NF, grad_weights_TK, grad_down_EDF, None, None
+
+
+# ------------------------------------------------------------------------------------------------------- entry point
+def sparse_moe_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`ExpertsInterface` entry: same contract as the eager `SparseMoEExperts.forward` (the reference).
+
+    hidden_states (T, D), top_k_index (T, K) with `num_experts` marking a dropped assignment, top_k_weights (T, K)
+    fp32 -> (T, D) in the dtype of `hidden_states`.
+    """
+    if self.has_bias or not self.has_gate or self.is_transposed or not self.is_concatenated:
+        raise NotImplementedError("`sparse_moe` experts support gated, bias-free, (E, 2F, D)/(E, D, F) weights only.")
+    gate_up_EHD, down_EDF = self.gate_up_proj, self.down_proj
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        # NOTE: `torch.mm(out=...)` does not autocast; cast here, where autograd sees the casts.
+        dtype = torch.get_autocast_dtype(device_type)
+        gate_up_EHD, down_EDF = gate_up_EHD.to(dtype), down_EDF.to(dtype)
+    x_TD = hidden_states.to(gate_up_EHD.dtype)
+    if x_TD.shape[0] == 0:
+        return hidden_states.new_zeros(hidden_states.shape)
+
+    plan = plan_dispatch(top_k_index, self.num_experts)
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, top_k_weights, gate_up_EHD, down_EDF)):
+            gate_NF, up_NF = _UpProjection.apply(x_TD, gate_up_EHD, plan)
+            out_TD = _DownProjection.apply(gate_NF, up_NF, top_k_weights, down_EDF, self.act_fn, plan)
+        else:
+            out_TD = _experts_inference(x_TD, top_k_weights, gate_up_EHD, down_EDF, self.act_fn, plan)
+    return out_TD.to(hidden_states.dtype)
+
+
+ExpertsInterface.register(SPARSE_MOE_EXPERTS, sparse_moe_experts_forward)
+
+__all__ = ["SPARSE_MOE_EXPERTS", "DispatchPlan", "plan_dispatch", "sparse_moe_experts_forward"]
