@@ -334,7 +334,8 @@ class SparseMoERouter(nn.Module):
         top_k_weights_TK = scores_TE.gather(1, top_k_index_TK)
         if self.norm_topk_prob:
             top_k_weights_TK = top_k_weights_TK / (top_k_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        top_k_weights_TK = top_k_weights_TK * self.routed_scaling_factor
+        if self.routed_scaling_factor != 1.0:
+            top_k_weights_TK = top_k_weights_TK * self.routed_scaling_factor
 
         dropped_TK = None
         if self.training:
@@ -349,7 +350,7 @@ class SparseMoERouter(nn.Module):
 # ----------------------------------------------------------------------------------------------------------- experts
 # Experts implementations that skip an index equal to `num_experts` (our "dropped" sentinel). Others get the dropped
 # assignment's original expert with weight 0: same result, wasted compute.
-SENTINEL_AWARE_EXPERTS = {None, "eager", "sparse_moe"}
+SENTINEL_AWARE_EXPERTS = {None, "eager", SPARSE_MOE_EXPERTS}
 
 
 @use_experts_implementation
