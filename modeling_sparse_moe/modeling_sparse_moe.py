@@ -272,7 +272,8 @@ class SparseMoERouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         # NOTE: the bias shifts which experts are *chosen*; the combine weights come from the unbiased scores.
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
-        # Assignments per expert in the last training forward (read by `update_router_biases`).
+        # Assignments per expert in training forwards since the last `update_router_biases` (which resets it), so a
+        # step with gradient accumulation balances on all of its micro-batches.
         self.expert_load = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):
@@ -340,7 +341,7 @@ class SparseMoERouter(nn.Module):
         dropped_TK = None
         if self.training:
             with torch.no_grad():
-                self.expert_load.copy_(torch.bincount(top_k_index_TK.reshape(-1), minlength=self.num_experts))
+                self.expert_load.add_(torch.bincount(top_k_index_TK.reshape(-1), minlength=self.num_experts))
             if self.config.capacity_factor is not None:
                 dropped_TK = self.over_capacity(top_k_index_TK)
                 top_k_weights_TK = top_k_weights_TK.masked_fill(dropped_TK, 0.0)
@@ -487,8 +488,9 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
 @torch.no_grad()
 def update_router_biases(model: nn.Module, rate: float | None = None) -> int:
     """DeepSeek-V3 aux-loss-free balancing: for every router, `bias += rate * sign(mean load - load)` using the
-    expert loads recorded in the last training forward. Call it after each optimizer step. Returns the number of
-    routers updated (0 when the rate is 0)."""
+    expert loads recorded by the training forwards since the previous call (all micro-batches of a step), then
+    resets those loads. Call it after each optimizer step (`training.RouterBiasUpdateCallback` does so for
+    `Trainer`). Returns the number of routers updated (0 when the rate is 0)."""
     updated = 0
     for module in model.modules():
         if not isinstance(module, SparseMoERouter):
@@ -500,6 +502,7 @@ def update_router_biases(model: nn.Module, rate: float | None = None) -> int:
         if load_E.sum() == 0:
             continue
         module.e_score_correction_bias.add_(step * torch.sign(load_E.mean() - load_E))
+        module.expert_load.zero_()
         updated += 1
     return updated
 

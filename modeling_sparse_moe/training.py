@@ -22,10 +22,26 @@ import uuid
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers import TrainerCallback
+
+from .modeling_sparse_moe import update_router_biases
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 _INDEX_FILE = "model.safetensors.index.json"
+
+
+class RouterBiasUpdateCallback(TrainerCallback):
+    """DeepSeek-V3 aux-loss-free balancing for `Trainer`: after every optimizer step, nudge each router's
+    `e_score_correction_bias` by `config.router_bias_update_rate * sign(mean load - load)`, using the expert loads of
+    all micro-batches of that step. A no-op while the rate is 0.
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RouterBiasUpdateCallback()])
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            update_router_biases(model)
 
 
 def atomic_save_pretrained(model, path: str | os.PathLike, **kwargs) -> str:

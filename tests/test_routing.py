@@ -314,3 +314,42 @@ def test_jitter_noise_only_in_training():
     assert torch.equal(router(x)[0], router(x)[0])
     router.train()
     assert not torch.equal(router(x)[0], router(x)[0])
+
+
+def test_expert_loads_accumulate_over_micro_batches_until_the_update():
+    torch.manual_seed(0)
+    config = tiny_config(router_type="sigmoid", router_bias_update_rate=0.01)
+    router = _router(config).train()
+    x1, x2 = torch.randn(10, config.hidden_size), torch.randn(7, config.hidden_size)
+    i1, i2 = router(x1)[2], router(x2)[2]
+    load = torch.bincount(torch.cat([i1, i2]).reshape(-1), minlength=config.num_experts).float()
+    assert torch.equal(router.expert_load, load)
+    update_router_biases(router)
+    torch.testing.assert_close(router.e_score_correction_bias, 0.01 * torch.sign(load.mean() - load))
+    assert router.expert_load.sum() == 0  # reset for the next step
+    router.eval()
+    router(x1)
+    assert router.expert_load.sum() == 0  # evaluation does not count
+
+
+def test_router_bias_callback_updates_biases_once_per_optimizer_step(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_sparse_moe.training import RouterBiasUpdateCallback
+
+    torch.manual_seed(0)
+    config = tiny_config(router_type="sigmoid", router_bias_update_rate=0.01, router_aux_loss_coef=0.0)
+    model = SparseMoEForCausalLM(config)
+    ids = torch.randint(3, 97, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[RouterBiasUpdateCallback()]).train()
+    for router in (m for m in model.modules() if isinstance(m, SparseMoERouter)):
+        steps = router.e_score_correction_bias / 0.01
+        # Three updates of +-1 (or 0 for an expert exactly at the mean) each: integer, |.| <= 3, not all zero.
+        torch.testing.assert_close(steps, steps.round())
+        assert steps.abs().max() <= 3 and steps.abs().sum() > 0
+        assert router.expert_load.sum() == 0
