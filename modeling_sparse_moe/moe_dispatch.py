@@ -215,12 +215,27 @@ def _scale_rows_(rows_NX: torch.Tensor, weights_N1: torch.Tensor) -> torch.Tenso
     return (rows_NX.float() * weights_N1).to(rows_NX.dtype)
 
 
+def _sum_per_token(rows_NX: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """(T, X): the sum of each token's computed rows (dropped assignments add nothing), in the rows' dtype.
+
+    CPU: one `index_add_` into the (T, X) result, deterministic there (a serial loop over the rows, i.e. expert order;
+    for K = 2 the same bits as the (T, K) sum). NOTE: the alternative, un-sorting into a fresh (T*K, X) buffer, costs
+    more than the sum itself on CPU: glibc maps buffers above 32 MiB afresh on every call (B, 2048 tokens: 10 ms of page
+    faults per buffer, against 2 ms for the index_add_). Other devices sum the K slots in a fixed order (CUDA's
+    `index_add_` accumulates with atomics, in no fixed order)."""
+    if plan.rows_N is None:
+        return rows_NX.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+    if rows_NX.device.type == "cpu":
+        return rows_NX.new_zeros(plan.num_tokens, rows_NX.shape[-1]).index_add_(0, plan.token_N, rows_NX)
+    return _unsort_rows(rows_NX, plan).sum(dim=1)
+
+
 def _combine(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """sum_k weight[t, k] * y[t, k] in fp32, summed over the K slots in a fixed order (consumes y_ND)."""
-    if y_ND.dtype == torch.float32:  # same products as the reference, without an extra (A, D) buffer
-        _scale_rows_(y_ND, _per_row(top_k_weights_TK, plan).float().unsqueeze(-1))
-        return _unsort_rows(y_ND, plan).sum(dim=1)
-    return (_unsort_rows(y_ND, plan).float() * top_k_weights_TK.float().unsqueeze(-1)).sum(dim=1)
+    """sum_k weight[t, k] * y[t, k] in fp32 (consumes y_ND): the products of the eager reference, summed per token."""
+    weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+    if y_ND.dtype == torch.float32:  # same products as the reference, without an extra (N, D) buffer
+        return _sum_per_token(_scale_rows_(y_ND, weights_N1), plan)
+    return _sum_per_token(y_ND.float() * weights_N1, plan)
 
 
 def _fuse_gate_up(plan: DispatchPlan, gate_up_EHD: torch.Tensor) -> bool:
@@ -258,15 +273,29 @@ def _experts_inference(x_TD, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn, pl
         parts = _up_projection(x_TD, gate_up_EHD, plan)
         return _down_projection(parts, top_k_weights_TK, down_EDF, act_fn, plan, in_place=True)
     # Long segments: run each expert start to finish (gather, gate/up, activation, down) while its rows are in
-    # cache, with (rows, 2F) temporaries instead of (N, 2F) ones.
+    # cache, with (rows, 2F) temporaries instead of (N, 2F) ones. On CPU each expert's weighted rows are added into
+    # the (T, D) result straight away (see `_sum_per_token`), so no (N, D) buffer exists either.
     ffn_dim = down_EDF.shape[-1]
-    y_ND = x_TD.new_empty(plan.num_rows, x_TD.shape[-1])
+    on_cpu, on_fp32 = x_TD.device.type == "cpu", x_TD.dtype == torch.float32
+    if on_cpu:
+        weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+        out_TD = x_TD.new_zeros(plan.num_tokens, x_TD.shape[-1], dtype=torch.float32)
+    else:
+        y_ND = x_TD.new_empty(plan.num_rows, x_TD.shape[-1])
     for expert, start, end in plan.segments:
-        h_RH = torch.mm(x_TD.index_select(0, plan.token_N[start:end]), gate_up_EHD[expert].t())
+        token_R = plan.token_N[start:end]
+        h_RH = torch.mm(x_TD.index_select(0, token_R), gate_up_EHD[expert].t())
         gate_RF, up_RF = h_RH[:, :ffn_dim], h_RH[:, ffn_dim:]
         g_RF = (F.silu(gate_RF, inplace=True) if _is_silu(act_fn) else act_fn(gate_RF)).mul_(up_RF)
-        torch.mm(g_RF, down_EDF[expert].t(), out=y_ND[start:end])
-    return _combine(y_ND, top_k_weights_TK, plan).to(x_TD.dtype)
+        if on_cpu:
+            y_RD = torch.mm(g_RF, down_EDF[expert].t())
+            weights_R1 = weights_N1[start:end]  # fp32 products, as in `_combine`
+            out_TD.index_add_(0, token_R, y_RD.mul_(weights_R1) if on_fp32 else y_RD.float() * weights_R1)
+        else:
+            torch.mm(g_RF, down_EDF[expert].t(), out=y_ND[start:end])
+    if not on_cpu:
+        out_TD = _combine(y_ND, top_k_weights_TK, plan)
+    return out_TD.to(x_TD.dtype)
 
 
 # NOTE: training uses two autograd nodes, not one. Autograd frees the pre-activations saved by `_DownProjection` as
@@ -295,7 +324,7 @@ class _UpProjection(torch.autograd.Function):
             for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
                 grad_x_ND += _grouped_linear(grad_part, weight_part.mT, plan)
             # Fixed-order sum over the K copies of a token (the gather's backward, without index_add_).
-            grad_x_TD = _unsort_rows(grad_x_ND, plan).sum(dim=1).to(x_TD.dtype)
+            grad_x_TD = _sum_per_token(grad_x_ND, plan).to(x_TD.dtype)
             del grad_x_ND
         if need_gate_up:
             x_ND = x_TD.index_select(0, plan.token_N)
