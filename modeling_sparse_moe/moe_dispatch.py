@@ -242,14 +242,27 @@ def _fuse_gate_up(plan: DispatchPlan, gate_up_EHD: torch.Tensor) -> bool:
     return plan.num_rows * gate_up_EHD.shape[1] * gate_up_EHD.element_size() <= FUSED_GATE_UP_MAX_BYTES
 
 
+def _long_segments(plan: DispatchPlan) -> bool:
+    """Whether the rows are grouped and experts average `PIPELINE_MIN_ROWS_PER_EXPERT` rows or more: then each expert
+    gathers its own rows right before its product (small, cache-resident temporaries) instead of one (N, D) gather
+    first (a fresh buffer of N*D elements; see `_sum_per_token` on the cost of those on CPU)."""
+    return plan.rows_N is not None and plan.num_rows >= PIPELINE_MIN_ROWS_PER_EXPERT * len(plan.segments)
+
+
 def _up_projection(x_TD, gate_up_EHD, plan: DispatchPlan) -> tuple[torch.Tensor, ...]:
     """Pre-activations of the computed rows as "parts": `(h_NH,)` = [gate | up] from one product, or `(gate_NF,
     up_NF)` from two when the (N, 2F) buffer would be large."""
+    num_parts = 1 if _fuse_gate_up(plan, gate_up_EHD) else 2
+    weight_parts = gate_up_EHD.chunk(num_parts, dim=1)
+    if _long_segments(plan):
+        parts = tuple(x_TD.new_empty(plan.num_rows, w.shape[1]) for w in weight_parts)
+        for expert, start, end in plan.segments:
+            x_RD = x_TD.index_select(0, plan.token_N[start:end])
+            for part, weight in zip(parts, weight_parts):
+                torch.mm(x_RD, weight[expert].t(), out=part[start:end])
+        return parts
     x_ND = x_TD.index_select(0, plan.token_N)
-    if _fuse_gate_up(plan, gate_up_EHD):
-        return (_grouped_linear(x_ND, gate_up_EHD, plan),)
-    ffn_dim = gate_up_EHD.shape[1] // 2
-    return _grouped_linear(x_ND, gate_up_EHD[:, :ffn_dim], plan), _grouped_linear(x_ND, gate_up_EHD[:, ffn_dim:], plan)
+    return tuple(_grouped_linear(x_ND, weight, plan) for weight in weight_parts)
 
 
 def _gate_and_up(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,19 +332,35 @@ class _UpProjection(torch.autograd.Function):
         rows_per_part = gate_up_EHD.shape[1] // len(grad_parts)
         weight_parts = [gate_up_EHD[:, i * rows_per_part : (i + 1) * rows_per_part] for i in range(len(grad_parts))]
         grad_x_TD = grad_gate_up_EHD = None
-        if need_x:
+        if need_x and _long_segments(plan) and x_TD.device.type == "cpu":
+            # Per expert: its rows' input gradient, added into (T, D) at once (the gather's backward).
+            grad_x_TD = grad_parts[0].new_zeros(x_TD.shape)
+            for expert, start, end in plan.segments:
+                grad_x_RD = torch.mm(grad_parts[0][start:end], weight_parts[0][expert])
+                for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
+                    grad_x_RD.addmm_(grad_part[start:end], weight_part[expert])
+                grad_x_TD.index_add_(0, plan.token_N[start:end], grad_x_RD)
+            grad_x_TD = grad_x_TD.to(x_TD.dtype)
+        elif need_x:
             grad_x_ND = _grouped_linear(grad_parts[0], weight_parts[0].mT, plan)
             for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
                 grad_x_ND += _grouped_linear(grad_part, weight_part.mT, plan)
-            # Fixed-order sum over the K copies of a token (the gather's backward, without index_add_).
-            grad_x_TD = _sum_per_token(grad_x_ND, plan).to(x_TD.dtype)
+            grad_x_TD = _sum_per_token(grad_x_ND, plan).to(x_TD.dtype)  # the gather's backward
             del grad_x_ND
         if need_gate_up:
-            x_ND = x_TD.index_select(0, plan.token_N)
             grad_gate_up_EHD = torch.empty_like(gate_up_EHD)
-            for i, grad_part in enumerate(grad_parts):
-                part = slice(i * rows_per_part, (i + 1) * rows_per_part)
-                _segment_weight_grad(grad_part, x_ND, plan, grad_gate_up_EHD[:, part])
+            grad_weight_parts = grad_gate_up_EHD.chunk(len(grad_parts), dim=1)
+            if _long_segments(plan):
+                for expert, start, end in plan.segments:
+                    x_RD = x_TD.index_select(0, plan.token_N[start:end])
+                    for grad_part, grad_weight in zip(grad_parts, grad_weight_parts):
+                        torch.mm(grad_part[start:end].t(), x_RD, out=grad_weight[expert])
+                for start, end in plan.idle_experts(grad_gate_up_EHD.shape[0]):
+                    grad_gate_up_EHD[start:end].zero_()
+            else:
+                x_ND = x_TD.index_select(0, plan.token_N)
+                for grad_part, grad_weight in zip(grad_parts, grad_weight_parts):
+                    _segment_weight_grad(grad_part, x_ND, plan, grad_weight)
         return grad_x_TD, grad_gate_up_EHD, None
 
 
@@ -357,24 +386,41 @@ class _DownProjection(torch.autograd.Function):
         need_weights, need_down = ctx.needs_input_grad[:2]
         need_h = any(ctx.needs_input_grad[4:])
         gate_NF, up_NF = _gate_and_up(parts)
-        grad_out_ND = grad_out_TD.to(gate_NF.dtype).index_select(0, plan.token_N)
+        grad_out_TD = grad_out_TD.to(gate_NF.dtype)
         act_NF = _activation(act_fn, gate_NF)
         g_NF = act_NF * up_NF if (need_weights or need_down) else None
-        u_NF = _grouped_linear(grad_out_ND, down_EDF.mT, plan) if (need_weights or need_h) else None
+        need_u = need_weights or need_h
+        # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
+        weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+        grad_down_EDF = torch.empty_like(down_EDF) if need_down else None
+        if _long_segments(plan):
+            # Per expert: gather its rows of grad_out, u = grad_out @ W_down, then its weight gradient.
+            u_NF = gate_NF.new_empty(plan.num_rows, down_EDF.shape[-1]) if need_u else None
+            for expert, start, end in plan.segments:
+                grad_out_RD = grad_out_TD.index_select(0, plan.token_N[start:end])
+                if need_u:
+                    torch.mm(grad_out_RD, down_EDF[expert], out=u_NF[start:end])
+                if need_down:
+                    grad_y_RD = _scale_rows_(grad_out_RD, weights_N1[start:end])
+                    torch.mm(grad_y_RD.t(), g_NF[start:end], out=grad_down_EDF[expert])
+            if need_down:
+                for start, end in plan.idle_experts(down_EDF.shape[0]):
+                    grad_down_EDF[start:end].zero_()
+        else:
+            grad_out_ND = grad_out_TD.index_select(0, plan.token_N)
+            u_NF = _grouped_linear(grad_out_ND, down_EDF.mT, plan) if need_u else None
+            if need_down:
+                grad_y_ND = _scale_rows_(grad_out_ND, weights_N1)  # grad_out_ND is our own gathered copy
+                _segment_weight_grad(grad_y_ND, g_NF, plan, grad_down_EDF)
+                del grad_y_ND
+            del grad_out_ND
 
         grad_weights_TK = None
         if need_weights:
             grad_weights_N = (u_NF.float() * g_NF.float()).sum(dim=-1)
             grad_weights_TK = _unsort_rows(grad_weights_N.unsqueeze(-1), plan).view_as(top_k_weights_TK)
             grad_weights_TK = grad_weights_TK.to(top_k_weights_TK.dtype)
-        # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
-        weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
-        grad_down_EDF = None
-        if need_down:
-            grad_y_ND = _scale_rows_(grad_out_ND, weights_N1)  # grad_out_ND is our own gathered copy
-            grad_down_EDF = _segment_weight_grad(grad_y_ND, g_NF, plan, torch.empty_like(down_EDF))
-            del grad_y_ND
-        del grad_out_ND, g_NF
+        del g_NF
         grad_parts = [None] * len(parts)
         if need_h:
             grad_g_NF = _scale_rows_(u_NF, weights_N1)

@@ -189,22 +189,25 @@ def test_dropped_assignments_are_not_computed(monkeypatch, num_tokens, gate_up):
 
 
 # ------------------------------------------------------------------------------------------- against the reference
-def use_kernels(monkeypatch, kernel: str, gate_up: str) -> None:
-    """Force a code path: the per-segment mm loop (devices / torch versions without a grouped GEMM kernel) and the
-    split gate/up products (what large token counts get)."""
+def use_kernels(monkeypatch, kernel: str, gate_up: str, segments: str = "short") -> None:
+    """Force a code path: the per-segment mm loop (devices / torch versions without a grouped GEMM kernel), the
+    split gate/up products (what large token counts get), and "long" segments: every expert gathers its own rows
+    before its products (what experts with many rows get)."""
     if kernel == "mm_loop":
         monkeypatch.setattr(moe_dispatch, "_grouped_mm_usable", lambda a, w: False)
     monkeypatch.setattr(moe_dispatch, "FUSED_GATE_UP_MAX_BYTES", 2**62 if gate_up == "fused" else 0)
+    monkeypatch.setattr(moe_dispatch, "PIPELINE_MIN_ROWS_PER_EXPERT", 1 if segments == "long" else 2**62)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 3, 5, 17, 64])
 @pytest.mark.parametrize("drop_fraction", [0.0, 0.35])
 @pytest.mark.parametrize("kernel", ["grouped_mm", "mm_loop"])
 @pytest.mark.parametrize("gate_up", ["fused", "split"])
-def test_matches_eager_fp32(num_tokens, drop_fraction, kernel, gate_up, monkeypatch):
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_matches_eager_fp32(num_tokens, drop_fraction, kernel, gate_up, segments, monkeypatch):
     experts = make_experts()
     calls = record_matmuls(monkeypatch)
-    use_kernels(monkeypatch, kernel, gate_up)
+    use_kernels(monkeypatch, kernel, gate_up, segments)
     index_TK, weights_TK = random_routing(num_tokens, idle=(2,), drop_fraction=drop_fraction, seed=num_tokens)
     x_TD = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(num_tokens))
     _, ours = assert_matches_eager(experts, x_TD, index_TK, weights_TK)
@@ -219,10 +222,11 @@ def test_matches_eager_fp32(num_tokens, drop_fraction, kernel, gate_up, monkeypa
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
 @pytest.mark.parametrize("kernel", ["grouped_mm", "mm_loop"])
-def test_matches_eager_bf16(num_tokens, kernel, monkeypatch):
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_matches_eager_bf16(num_tokens, kernel, segments, monkeypatch):
     experts = make_experts(torch.bfloat16, ffn=16)  # bf16 rows of 16 elements: aligned for grouped_mm
     calls = record_matmuls(monkeypatch)
-    use_kernels(monkeypatch, kernel, "split" if num_tokens == 64 else "fused")
+    use_kernels(monkeypatch, kernel, "split" if num_tokens == 64 else "fused", segments)
     index_TK, weights_TK = random_routing(num_tokens, idle=(0, 5), drop_fraction=0.2, seed=num_tokens)
     x_TD = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     _, ours = assert_matches_eager(experts, x_TD, index_TK, weights_TK)
@@ -270,8 +274,10 @@ def test_other_activations_use_the_generic_backward(hidden_act):
     assert_matches_eager(experts, torch.randn(13, HIDDEN), index_TK, weights_TK)
 
 
-def test_partial_requires_grad():
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_partial_requires_grad(segments, monkeypatch):
     """Frozen experts (PEFT) and a frozen router: only the requested gradients are produced, and they match."""
+    use_kernels(monkeypatch, "grouped_mm", "fused", segments)
     experts = make_experts()
     experts.requires_grad_(False)
     index_TK, weights_TK = random_routing(11, drop_fraction=0.2, seed=2)
