@@ -14,10 +14,17 @@ How it works:
      assignments in their own order and skips the sort and the un-sort entirely.
   2. Experts: one grouped GEMM per projection over the contiguous per-expert segments (`torch.nn.functional.
      grouped_mm` where it runs, else one `torch.mm` per non-empty segment). Only the weights of experts that received
-     tokens are read; no expert is padded to a capacity. Inference with long segments instead runs each expert start
-     to finish on its rows (gather, gate/up, activation, down), which keeps its temporaries small and in cache.
-  3. Combine: the N outputs are put back in (T, K) order (unique positions, no accumulation) and the K slots of a
-     token are summed in a fixed order, as in the eager reference: deterministic on every device.
+     tokens are read; no expert is padded to a capacity. On CPU, when experts average `PIPELINE_MIN_ROWS_PER_EXPERT`
+     rows or more ("long segments"), each expert instead gathers its own rows right before its products: inference
+     runs each expert start to finish (gather, gate/up, activation, down, weighted add into the output), training
+     does the same for the up product, the input gradient and both weight gradients. Temporaries stay small and in
+     cache, and no (N, D) buffer is allocated (see 3).
+  3. Combine: the weighted rows of a token are summed in fp32. On CPU with `index_add_` into the (T, D) result
+     (a serial loop there: deterministic; for K = 2 the same bits as the reference), because un-sorting into a fresh
+     (T*K, D) buffer costs more than the sum: glibc maps every buffer above 32 MiB afresh, and its page faults cost
+     ~10 ms per 32 MiB on this VM (shape B, 2048 tokens). Elsewhere the N outputs are put back in (T, K) order
+     (unique positions) and the K slots summed in a fixed order, as in the eager reference (CUDA's `index_add_` is
+     atomic, hence not deterministic).
   4. Backward (`_UpProjection`, `_DownProjection`): grouped GEMMs too. A weight gradient is written only for experts
      that received tokens (one mm straight into the (E, 2F, D) / (E, D, F) gradient); idle experts get zeros. The
      autograd graph of the eager loop instead materialises a full-size 3D gradient per expert.
@@ -43,8 +50,9 @@ SPARSE_MOE_EXPERTS = "sparse_moe"
 # Above this size the (N, 2F) gate/up product is computed as two (N, F) halves (CPU, shape A, 2048 tokens, inference,
 # one thread: 1.18x -> 1.04x the dense FFN in one measurement).
 FUSED_GATE_UP_MAX_BYTES = 32 * 2**20
-# NOTE: in inference, experts with this many rows on average run one by one, start to finish (CPU, 2048 tokens:
-# 0.86-0.89x the dense FFN for shape A instead of 0.98-1.03x with grouped GEMMs; at 64 rows per expert it is a wash).
+# NOTE: on CPU, experts with this many rows on average gather their own rows and run one by one (see step 2 of the
+# module docstring). Shape B, 2048 tokens (256 rows each), inference: 1.45-1.47x the dense FFN against 1.81x with
+# grouped GEMMs in one interleaved measurement; at 64 rows per expert it is a wash or slightly worse.
 PIPELINE_MIN_ROWS_PER_EXPERT = 128
 
 
@@ -242,11 +250,16 @@ def _fuse_gate_up(plan: DispatchPlan, gate_up_EHD: torch.Tensor) -> bool:
     return plan.num_rows * gate_up_EHD.shape[1] * gate_up_EHD.element_size() <= FUSED_GATE_UP_MAX_BYTES
 
 
-def _long_segments(plan: DispatchPlan) -> bool:
-    """Whether the rows are grouped and experts average `PIPELINE_MIN_ROWS_PER_EXPERT` rows or more: then each expert
-    gathers its own rows right before its product (small, cache-resident temporaries) instead of one (N, D) gather
-    first (a fresh buffer of N*D elements; see `_sum_per_token` on the cost of those on CPU)."""
-    return plan.rows_N is not None and plan.num_rows >= PIPELINE_MIN_ROWS_PER_EXPERT * len(plan.segments)
+def _long_segments(plan: DispatchPlan, device: torch.device) -> bool:
+    """CPU, rows grouped, and experts averaging `PIPELINE_MIN_ROWS_PER_EXPERT` rows or more: then each expert gathers
+    its own rows right before its products (small, cache-resident temporaries) instead of one (N, D) gather first (a
+    fresh buffer of N*D elements; see `_sum_per_token` on what those cost on CPU). Other devices keep the grouped
+    kernels: a python loop of per-expert launches would cost more there than the buffers."""
+    return (
+        device.type == "cpu"
+        and plan.rows_N is not None
+        and plan.num_rows >= PIPELINE_MIN_ROWS_PER_EXPERT * len(plan.segments)
+    )
 
 
 def _up_projection(x_TD, gate_up_EHD, plan: DispatchPlan) -> tuple[torch.Tensor, ...]:
@@ -254,7 +267,7 @@ def _up_projection(x_TD, gate_up_EHD, plan: DispatchPlan) -> tuple[torch.Tensor,
     up_NF)` from two when the (N, 2F) buffer would be large."""
     num_parts = 1 if _fuse_gate_up(plan, gate_up_EHD) else 2
     weight_parts = gate_up_EHD.chunk(num_parts, dim=1)
-    if _long_segments(plan):
+    if _long_segments(plan, x_TD.device):
         parts = tuple(x_TD.new_empty(plan.num_rows, w.shape[1]) for w in weight_parts)
         for expert, start, end in plan.segments:
             x_RD = x_TD.index_select(0, plan.token_N[start:end])
@@ -282,32 +295,24 @@ def _down_projection(parts, top_k_weights_TK, down_EDF, act_fn, plan: DispatchPl
 
 
 def _experts_inference(x_TD, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn, plan: DispatchPlan) -> torch.Tensor:
-    if plan.rows_N is None or plan.num_rows < PIPELINE_MIN_ROWS_PER_EXPERT * len(plan.segments):
+    if not _long_segments(plan, x_TD.device):
         parts = _up_projection(x_TD, gate_up_EHD, plan)
         return _down_projection(parts, top_k_weights_TK, down_EDF, act_fn, plan, in_place=True)
-    # Long segments: run each expert start to finish (gather, gate/up, activation, down) while its rows are in
-    # cache, with (rows, 2F) temporaries instead of (N, 2F) ones. On CPU each expert's weighted rows are added into
-    # the (T, D) result straight away (see `_sum_per_token`), so no (N, D) buffer exists either.
+    # Long segments (CPU): run each expert start to finish (gather, gate/up, activation, down) while its rows are in
+    # cache, with (rows, 2F) temporaries instead of (N, 2F) ones, and add its weighted rows into the (T, D) result
+    # straight away (see `_sum_per_token`), so no (N, D) buffer exists either.
     ffn_dim = down_EDF.shape[-1]
-    on_cpu, on_fp32 = x_TD.device.type == "cpu", x_TD.dtype == torch.float32
-    if on_cpu:
-        weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
-        out_TD = x_TD.new_zeros(plan.num_tokens, x_TD.shape[-1], dtype=torch.float32)
-    else:
-        y_ND = x_TD.new_empty(plan.num_rows, x_TD.shape[-1])
+    weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+    out_TD = x_TD.new_zeros(plan.num_tokens, x_TD.shape[-1], dtype=torch.float32)
     for expert, start, end in plan.segments:
         token_R = plan.token_N[start:end]
         h_RH = torch.mm(x_TD.index_select(0, token_R), gate_up_EHD[expert].t())
         gate_RF, up_RF = h_RH[:, :ffn_dim], h_RH[:, ffn_dim:]
         g_RF = (F.silu(gate_RF, inplace=True) if _is_silu(act_fn) else act_fn(gate_RF)).mul_(up_RF)
-        if on_cpu:
-            y_RD = torch.mm(g_RF, down_EDF[expert].t())
-            weights_R1 = weights_N1[start:end]  # fp32 products, as in `_combine`
-            out_TD.index_add_(0, token_R, y_RD.mul_(weights_R1) if on_fp32 else y_RD.float() * weights_R1)
-        else:
-            torch.mm(g_RF, down_EDF[expert].t(), out=y_ND[start:end])
-    if not on_cpu:
-        out_TD = _combine(y_ND, top_k_weights_TK, plan)
+        y_RD = torch.mm(g_RF, down_EDF[expert].t())
+        weights_R1 = weights_N1[start:end]  # fp32 products, as in `_combine`
+        y_RD = y_RD.mul_(weights_R1) if y_RD.dtype == torch.float32 else y_RD.float() * weights_R1
+        out_TD.index_add_(0, token_R, y_RD)
     return out_TD.to(x_TD.dtype)
 
 
@@ -332,7 +337,7 @@ class _UpProjection(torch.autograd.Function):
         rows_per_part = gate_up_EHD.shape[1] // len(grad_parts)
         weight_parts = [gate_up_EHD[:, i * rows_per_part : (i + 1) * rows_per_part] for i in range(len(grad_parts))]
         grad_x_TD = grad_gate_up_EHD = None
-        if need_x and _long_segments(plan) and x_TD.device.type == "cpu":
+        if need_x and _long_segments(plan, x_TD.device):
             # Per expert: its rows' input gradient, added into (T, D) at once (the gather's backward).
             grad_x_TD = grad_parts[0].new_zeros(x_TD.shape)
             for expert, start, end in plan.segments:
@@ -350,7 +355,7 @@ class _UpProjection(torch.autograd.Function):
         if need_gate_up:
             grad_gate_up_EHD = torch.empty_like(gate_up_EHD)
             grad_weight_parts = grad_gate_up_EHD.chunk(len(grad_parts), dim=1)
-            if _long_segments(plan):
+            if _long_segments(plan, x_TD.device):
                 for expert, start, end in plan.segments:
                     x_RD = x_TD.index_select(0, plan.token_N[start:end])
                     for grad_part, grad_weight in zip(grad_parts, grad_weight_parts):
@@ -393,7 +398,7 @@ class _DownProjection(torch.autograd.Function):
         # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
         weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
         grad_down_EDF = torch.empty_like(down_EDF) if need_down else None
-        if _long_segments(plan):
+        if _long_segments(plan, grad_out_TD.device):
             # Per expert: gather its rows of grad_out, u = grad_out @ W_down, then its weight gradient.
             u_NF = gate_NF.new_empty(plan.num_rows, down_EDF.shape[-1]) if need_u else None
             for expert, start, end in plan.segments:
