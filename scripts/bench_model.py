@@ -16,6 +16,7 @@ training step is forward + backward + AdamW step, with the load-balancing loss o
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -127,6 +128,59 @@ def generate_fn(model, ids: torch.Tensor, new_tokens: int):
     return step
 
 
+def train_breakdown(models: dict, ids: torch.Tensor, device: str, repeats: int) -> dict:
+    """Median ms of the forward, backward and optimizer step of a training step, per model (interleaved)."""
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True) for name, m in models.items()}
+    samples = {name: {"forward": [], "backward": [], "optimizer": []} for name in models}
+    for i in range(repeats + 1):
+        for name, model in models.items():
+            model.train()
+            ticks = [time.perf_counter()]
+            loss = model(input_ids=ids, labels=ids).loss
+            synchronize(device)
+            ticks.append(time.perf_counter())
+            loss.backward()
+            synchronize(device)
+            ticks.append(time.perf_counter())
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            synchronize(device)
+            ticks.append(time.perf_counter())
+            if i:  # the first round warms up (and creates the optimizer state)
+                for part, start, end in zip(("forward", "backward", "optimizer"), ticks, ticks[1:]):
+                    samples[name][part].append((end - start) * 1e3)
+    return {name: {part: statistics.median(v) for part, v in parts.items()} for name, parts in samples.items()}
+
+
+def moe_share_of_decode(models: dict, ids: torch.Tensor, new_tokens: int, device: str) -> dict:
+    """Fraction of `generate()` wall time spent inside the MoE blocks (`layers[i].mlp`), per model, timed with
+    forward hooks in a separate run (the hooks add a little time of their own)."""
+    shares = {}
+    for name, model in models.items():
+        spent, handles = [0.0], []
+
+        def pre_hook(module, args):
+            synchronize(device)
+            module._bench_start = time.perf_counter()
+
+        def post_hook(module, args, output):
+            synchronize(device)
+            spent[0] += time.perf_counter() - module._bench_start
+
+        for layer in model.model.layers:
+            handles.append(layer.mlp.register_forward_pre_hook(pre_hook))
+            handles.append(layer.mlp.register_forward_hook(post_hook))
+        step = generate_fn(model, ids, new_tokens)
+        step()
+        spent[0] = 0.0
+        start = time.perf_counter()
+        step()
+        shares[name] = spent[0] / (time.perf_counter() - start)
+        for handle in handles:
+            handle.remove()
+    return shares
+
+
 def check_same_logits(ours, mixtral, ids: torch.Tensor) -> float:
     with torch.no_grad():
         diff = (ours.eval()(input_ids=ids).logits.float() - mixtral.eval()(input_ids=ids).logits.float()).abs().max()
@@ -210,7 +264,10 @@ def run(args) -> dict:
         line = "  ".join(f"{name} {s * 1e3:9.1f} ms ({unit / s:8.1f} tok/s)" for name, s in seconds.items())
         print(f"[{label:10s}] {line}", flush=True)
         synchronize(device)
-    del ours, mixtral
+    models = {"ours": ours, "mixtral": mixtral}
+    results["train_breakdown_ms"] = train_breakdown(models, ids, device, args.repeats)
+    results["moe_share_of_decode"] = moe_share_of_decode(models, prompt, args.new_tokens, device)
+    del ours, mixtral, models
     if not args.no_rss and device == "cpu":
         results["rss"] = {name: measure_rss(args, name) for name in ("ours", "mixtral")}
     return dict(max_logit_diff=max_logit_diff, results=results)
@@ -236,6 +293,14 @@ def print_table(report: dict, args) -> None:
         cells = [f"{r['peak_rss_mb']:.0f} ({r['rss_after_build_mb']:.0f})" for r in (ours, mixtral)]
         print(f"| peak RSS, MiB: fwd+bwd then generate (after build) | {cells[0]} | {cells[1]} "
               f"| {ours['peak_rss_mb'] / mixtral['peak_rss_mb']:.3f}x | <= 1.0x |")
+    print("\nWhere the time goes: a training step's parts (ms, median), and the share of generate() time spent in the "
+          "MoE blocks")
+    print("\n| model | forward | backward | optimizer (AdamW) | MoE blocks' share of decode |")
+    print("|---|---|---|---|---|")
+    for name in ("ours", "mixtral"):
+        parts = results["train_breakdown_ms"][name]
+        print(f"| {name} | {parts['forward']:.1f} | {parts['backward']:.1f} | {parts['optimizer']:.1f} "
+              f"| {results['moe_share_of_decode'][name]:.0%} |")
     print(f"\ntrain batch {args.batch}x{args.seq}, prefill 1x{args.prefill}, decode 1x{args.prompt} prompt + "
           f"{args.new_tokens} new tokens (greedy), {args.dtype}, {args.threads} threads, mixtral experts "
           f"'{args.mixtral_experts}', median of {args.repeats}")
