@@ -194,6 +194,12 @@ def _gated_act_backward(act_fn, gate_NF, up_NF, act_NF, grad_g_NF, num_parts: in
         grad_up_NF = act_NF.mul_(grad_g_NF) if _is_silu(act_fn) else act_NF * grad_g_NF
         grad_gate_NF = torch.empty_like(grad_up_NF)
         grad_parts = (grad_gate_NF, grad_up_NF)
+    _gate_grad_into(act_fn, gate_NF, up_NF, grad_g_NF, grad_gate_NF)
+    return grad_parts
+
+
+def _gate_grad_into(act_fn, gate_NF, up_NF, grad_g_NF, grad_gate_NF) -> None:
+    """grad_gate = act'(gate) * grad_g * up, written into `grad_gate_NF`."""
     torch.mul(grad_g_NF, up_NF, out=grad_gate_NF)  # d(act(gate)), turned into d(gate) in place below
     if _is_silu(act_fn):
         torch.ops.aten.silu_backward.grad_input(grad_gate_NF, gate_NF, grad_input=grad_gate_NF)
@@ -201,7 +207,6 @@ def _gated_act_backward(act_fn, gate_NF, up_NF, act_NF, grad_g_NF, num_parts: in
         with torch.enable_grad():
             leaf_NF = gate_NF.detach().requires_grad_(True)
             grad_gate_NF.copy_(torch.autograd.grad(act_fn(leaf_NF), leaf_NF, grad_gate_NF)[0])
-    return grad_parts
 
 
 def _unsort_rows(rows_NX: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -297,6 +302,21 @@ def _down_projection(parts, top_k_weights_TK, down_EDF, act_fn, plan: DispatchPl
     y_ND = _grouped_linear(g_NF, down_EDF, plan)
     del g_NF
     return _combine(y_ND, top_k_weights_TK, plan).to(gate_NF.dtype)
+
+
+def _down_projection_long(parts, top_k_weights_TK, down_EDF, act_fn, plan: DispatchPlan) -> torch.Tensor:
+    """`_down_projection` for long segments on CPU (training forward): per expert, activation, down product and a
+    weighted add into the (T, D) result; no (N, F) or (N, D) temporary. The saved pre-activations are not touched."""
+    gate_NF, up_NF = _gate_and_up(parts)
+    weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+    out_TD = gate_NF.new_zeros(plan.num_tokens, down_EDF.shape[1], dtype=torch.float32)
+    for expert, start, end in plan.segments:
+        g_RF = _activation(act_fn, gate_NF[start:end]) * up_NF[start:end]
+        y_RD = torch.mm(g_RF, down_EDF[expert].t())
+        weights_R1 = weights_N1[start:end]  # fp32 products, as in `_combine`
+        y_RD = y_RD.mul_(weights_R1) if y_RD.dtype == torch.float32 else y_RD.float() * weights_R1
+        out_TD.index_add_(0, plan.token_N[start:end], y_RD)
+    return out_TD.to(gate_NF.dtype)
 
 
 def _decode_inference(x_TD, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn, plan: DispatchPlan) -> torch.Tensor:
@@ -408,6 +428,8 @@ class _DownProjection(torch.autograd.Function):
     def forward(ctx, top_k_weights_TK, down_EDF, act_fn, plan, *parts):
         ctx.act_fn, ctx.plan = act_fn, plan
         ctx.save_for_backward(top_k_weights_TK, down_EDF, *parts)
+        if _long_segments(plan, down_EDF.device):
+            return _down_projection_long(parts, top_k_weights_TK, down_EDF, act_fn, plan)
         return _down_projection(parts, top_k_weights_TK, down_EDF, act_fn, plan, in_place=False)
 
     @staticmethod
@@ -415,50 +437,80 @@ class _DownProjection(torch.autograd.Function):
     def backward(ctx, grad_out_TD):
         top_k_weights_TK, down_EDF, *parts = ctx.saved_tensors
         plan, act_fn = ctx.plan, ctx.act_fn
-        need_weights, need_down = ctx.needs_input_grad[:2]
-        need_h = any(ctx.needs_input_grad[4:])
-        gate_NF, up_NF = _gate_and_up(parts)
-        grad_out_TD = grad_out_TD.to(gate_NF.dtype)
-        act_NF = _activation(act_fn, gate_NF)
-        g_NF = act_NF * up_NF if (need_weights or need_down) else None
-        need_u = need_weights or need_h
+        need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], any(ctx.needs_input_grad[4:])
+        grad_out_TD = grad_out_TD.to(parts[0].dtype)
         # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
         weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
-        grad_down_EDF = torch.empty_like(down_EDF) if need_down else None
         if _long_segments(plan, grad_out_TD.device):
-            # Per expert: gather its rows of grad_out, u = grad_out @ W_down, then its weight gradient.
-            u_NF = gate_NF.new_empty(plan.num_rows, down_EDF.shape[-1]) if need_u else None
-            for expert, start, end in plan.segments:
-                grad_out_RD = grad_out_TD.index_select(0, plan.token_N[start:end])
-                if need_u:
-                    torch.mm(grad_out_RD, down_EDF[expert], out=u_NF[start:end])
-                if need_down:
-                    grad_y_RD = _scale_rows_(grad_out_RD, weights_N1[start:end])
-                    torch.mm(grad_y_RD.t(), g_NF[start:end], out=grad_down_EDF[expert])
-            if need_down:
-                for start, end in plan.idle_experts(down_EDF.shape[0]):
-                    grad_down_EDF[start:end].zero_()
+            grad_weights_N, grad_down_EDF, grad_parts = _down_backward_long(
+                grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, *need
+            )
         else:
-            grad_out_ND = grad_out_TD.index_select(0, plan.token_N)
-            u_NF = _grouped_linear(grad_out_ND, down_EDF.mT, plan) if need_u else None
-            if need_down:
-                grad_y_ND = _scale_rows_(grad_out_ND, weights_N1)  # grad_out_ND is our own gathered copy
-                _segment_weight_grad(grad_y_ND, g_NF, plan, grad_down_EDF)
-                del grad_y_ND
-            del grad_out_ND
-
+            grad_weights_N, grad_down_EDF, grad_parts = _down_backward_grouped(
+                grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, *need
+            )
         grad_weights_TK = None
-        if need_weights:
-            grad_weights_N = (u_NF.float() * g_NF.float()).sum(dim=-1)
+        if grad_weights_N is not None:
             grad_weights_TK = _unsort_rows(grad_weights_N.unsqueeze(-1), plan).view_as(top_k_weights_TK)
             grad_weights_TK = grad_weights_TK.to(top_k_weights_TK.dtype)
-        del g_NF
-        grad_parts = [None] * len(parts)
-        if need_h:
-            grad_g_NF = _scale_rows_(u_NF, weights_N1)
-            del u_NF
-            grad_parts = _gated_act_backward(act_fn, gate_NF, up_NF, act_NF, grad_g_NF, len(parts))
         return grad_weights_TK, grad_down_EDF, None, None, *grad_parts
+
+
+def _down_backward_grouped(grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, need_weights, need_down, need_h):
+    """`_DownProjection` gradients with grouped GEMMs over (N, .) buffers: (routing weights (N,) fp32 or None,
+    down_proj gradient or None, pre-activation gradient parts (or Nones))."""
+    gate_NF, up_NF = _gate_and_up(parts)
+    act_NF = _activation(act_fn, gate_NF)
+    g_NF = act_NF * up_NF if (need_weights or need_down) else None
+    grad_out_ND = grad_out_TD.index_select(0, plan.token_N)
+    u_NF = _grouped_linear(grad_out_ND, down_EDF.mT, plan) if (need_weights or need_h) else None
+    grad_down_EDF = None
+    if need_down:
+        grad_y_ND = _scale_rows_(grad_out_ND, weights_N1)  # grad_out_ND is our own gathered copy
+        grad_down_EDF = _segment_weight_grad(grad_y_ND, g_NF, plan, torch.empty_like(down_EDF))
+        del grad_y_ND
+    del grad_out_ND
+    grad_weights_N = (u_NF.float() * g_NF.float()).sum(dim=-1) if need_weights else None
+    del g_NF
+    grad_parts = [None] * len(parts)
+    if need_h:
+        grad_g_NF = _scale_rows_(u_NF, weights_N1)
+        del u_NF
+        grad_parts = _gated_act_backward(act_fn, gate_NF, up_NF, act_NF, grad_g_NF, len(parts))
+    return grad_weights_N, grad_down_EDF, grad_parts
+
+
+def _down_backward_long(grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, need_weights, need_down, need_h):
+    """`_down_backward_grouped` for long segments on CPU: every expert runs its whole backward on its own rows
+    (gather grad_out, u = grad_out @ W_down, weight gradients, activation gradient), so the temporaries are
+    (rows, F) and cache-resident; only the results are full-size."""
+    gate_NF, up_NF = _gate_and_up(parts)
+    grad_down_EDF = torch.empty_like(down_EDF) if need_down else None
+    grad_weights_N = gate_NF.new_empty(plan.num_rows, dtype=torch.float32) if need_weights else None
+    grad_parts, grad_gate_NF, grad_up_NF = [None] * len(parts), None, None
+    if need_h:
+        grad_parts = [torch.empty_like(part) for part in parts]
+        grad_gate_NF, grad_up_NF = _gate_and_up(grad_parts)
+    for expert, start, end in plan.segments:
+        gate_RF, up_RF, weights_R1 = gate_NF[start:end], up_NF[start:end], weights_N1[start:end]
+        act_RF = _activation(act_fn, gate_RF)
+        grad_out_RD = grad_out_TD.index_select(0, plan.token_N[start:end])
+        u_RF = torch.mm(grad_out_RD, down_EDF[expert]) if (need_weights or need_h) else None
+        if need_weights or need_down:
+            g_RF = act_RF * up_RF
+            if need_weights:
+                grad_weights_N[start:end] = (u_RF.float() * g_RF.float()).sum(dim=-1)
+            if need_down:
+                grad_y_RD = _scale_rows_(grad_out_RD, weights_R1)
+                torch.mm(grad_y_RD.t(), g_RF, out=grad_down_EDF[expert])
+        if need_h:
+            grad_g_RF = _scale_rows_(u_RF, weights_R1)
+            torch.mul(grad_g_RF, act_RF, out=grad_up_NF[start:end])
+            _gate_grad_into(act_fn, gate_RF, up_RF, grad_g_RF, grad_gate_NF[start:end])
+    if need_down:
+        for start, end in plan.idle_experts(down_EDF.shape[0]):
+            grad_down_EDF[start:end].zero_()
+    return grad_weights_N, grad_down_EDF, grad_parts
 
 
 # ------------------------------------------------------------------------------------------------------- entry point

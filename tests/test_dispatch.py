@@ -213,11 +213,9 @@ def test_matches_eager_fp32(num_tokens, drop_fraction, kernel, gate_up, segments
     _, ours = assert_matches_eager(experts, x_TD, index_TK, weights_TK)
     # Expert 2 received no tokens: its weight gradients are exactly zero.
     assert ours[3][2].abs().max() == 0 and ours[4][2].abs().max() == 0
-    kernels = {kind for kind, _ in calls}
-    if kernel == "mm_loop" or plan_dispatch(index_TK, NUM_EXPERTS).rows_N is None:  # decode plan: per-row mms
-        assert "grouped_mm" not in kernels
-    else:
-        assert "grouped_mm" in kernels
+    # The decode plan (per-row products) and long segments (per-expert products) never use the grouped kernel.
+    grouped = kernel == "grouped_mm" and segments == "short" and plan_dispatch(index_TK, NUM_EXPERTS).rows_N is not None
+    assert ("grouped_mm" in {kind for kind, _ in calls}) == grouped
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 64])
@@ -231,7 +229,7 @@ def test_matches_eager_bf16(num_tokens, kernel, segments, monkeypatch):
     x_TD = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     _, ours = assert_matches_eager(experts, x_TD, index_TK, weights_TK)
     assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.float32
-    grouped = kernel == "grouped_mm" and plan_dispatch(index_TK, NUM_EXPERTS).rows_N is not None
+    grouped = kernel == "grouped_mm" and segments == "short" and plan_dispatch(index_TK, NUM_EXPERTS).rows_N is not None
     assert ("grouped_mm" in {kind for kind, _ in calls}) == grouped
 
 
@@ -255,7 +253,9 @@ def test_matches_eager_no_grad(num_tokens, inference_path, drop_fraction, monkey
         assert {kind for kind, _ in calls} == {"mm"} and sum(rows for _, rows in calls) == 2 * kept
 
 
-def test_fine_grained_many_experts_top8():
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_fine_grained_many_experts_top8(segments, monkeypatch):
+    use_kernels(monkeypatch, "grouped_mm", "fused", segments)
     experts = make_experts(num_experts=64, top_k=8)
     index_TK, weights_TK = random_routing(37, num_experts=64, top_k=8, idle=tuple(range(40, 64)), seed=7)
     assert_matches_eager(experts, torch.randn(37, HIDDEN), index_TK, weights_TK)
@@ -268,7 +268,9 @@ def test_top1_switch():
 
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "relu"])
-def test_other_activations_use_the_generic_backward(hidden_act):
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_other_activations_use_the_generic_backward(hidden_act, segments, monkeypatch):
+    use_kernels(monkeypatch, "grouped_mm", "split", segments)
     experts = make_experts(hidden_act=hidden_act)
     index_TK, weights_TK = random_routing(13, drop_fraction=0.2, seed=11)
     assert_matches_eager(experts, torch.randn(13, HIDDEN), index_TK, weights_TK)
