@@ -14,11 +14,13 @@ How it works:
      assignments in their own order and skips the sort and the un-sort entirely.
   2. Experts: one grouped GEMM per projection over the contiguous per-expert segments (`torch.nn.functional.
      grouped_mm` where it runs, else one `torch.mm` per non-empty segment). Only the weights of experts that received
-     tokens are read; no expert is padded to a capacity. On CPU, when experts average `PIPELINE_MIN_ROWS_PER_EXPERT`
-     rows or more ("long segments"), each expert instead gathers its own rows right before its products: inference
-     runs each expert start to finish (gather, gate/up, activation, down, weighted add into the output), training
-     does the same for the up product, the input gradient and both weight gradients. Temporaries stay small and in
-     cache, and no (N, D) buffer is allocated (see 3).
+     tokens are read; no expert is padded to a capacity. Decode (the plan in assignment order) runs one `F.linear`
+     per assignment on the expert's weight as it is, with the activation batched over all rows. On CPU, when experts
+     average `PIPELINE_MIN_ROWS_PER_EXPERT` rows or more ("long segments"), each expert instead gathers its own rows
+     right before its products: inference runs each expert start to finish (gather, gate/up, activation, down,
+     weighted add into the output); training does the same in the forward, and in the backward runs each expert's
+     down-projection backward (activation gradient included), input gradient and weight gradients on its own rows.
+     Temporaries stay small and in cache, and only the (N, F) pre-activations and their gradients are full-size.
   3. Combine: the weighted rows of a token are summed in fp32. On CPU with `index_add_` into the (T, D) result
      (a serial loop there: deterministic; for K = 2 the same bits as the reference), because un-sorting into a fresh
      (T*K, D) buffer costs more than the sum: glibc maps every buffer above 32 MiB afresh, and its page faults cost
