@@ -236,7 +236,8 @@ def _scale_rows_(rows_NX: torch.Tensor, weights_N1: torch.Tensor) -> torch.Tenso
 
 
 def _sum_per_token(rows_NX: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """(T, X): the sum of each token's computed rows (dropped assignments add nothing), in the rows' dtype.
+    """(T, X): the sum of each token's computed rows (dropped assignments add nothing), accumulated in fp32 on CPU
+    (in the rows' dtype elsewhere, as the (T, K) sum of the reference); the caller casts.
 
     CPU: one `index_add_` into the (T, X) result, deterministic there (a serial loop over the rows, i.e. expert order;
     for K = 2 the same bits as the (T, K) sum). NOTE: the alternative, un-sorting into a fresh (T*K, X) buffer, costs
@@ -246,7 +247,8 @@ def _sum_per_token(rows_NX: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     if plan.rows_N is None:
         return rows_NX.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
     if rows_NX.device.type == "cpu":
-        return rows_NX.new_zeros(plan.num_tokens, rows_NX.shape[-1]).index_add_(0, plan.token_N, rows_NX)
+        sum_TX = rows_NX.new_zeros(plan.num_tokens, rows_NX.shape[-1], dtype=torch.float32)
+        return sum_TX.index_add_(0, plan.token_N, rows_NX.float())  # NOTE: bf16 adds would round after every row
     return _unsort_rows(rows_NX, plan).sum(dim=1)
 
 
@@ -388,12 +390,12 @@ class _UpProjection(torch.autograd.Function):
         grad_x_TD = grad_gate_up_EHD = None
         if need_x and _long_segments(plan, x_TD.device):
             # Per expert: its rows' input gradient, added into (T, D) at once (the gather's backward).
-            grad_x_TD = grad_parts[0].new_zeros(x_TD.shape)
+            grad_x_TD = grad_parts[0].new_zeros(x_TD.shape, dtype=torch.float32)  # fp32 sums, as `_sum_per_token`
             for expert, start, end in plan.segments:
                 grad_x_RD = torch.mm(grad_parts[0][start:end], weight_parts[0][expert])
                 for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
                     grad_x_RD.addmm_(grad_part[start:end], weight_part[expert])
-                grad_x_TD.index_add_(0, plan.token_N[start:end], grad_x_RD)
+                grad_x_TD.index_add_(0, plan.token_N[start:end], grad_x_RD.float())
             grad_x_TD = grad_x_TD.to(x_TD.dtype)
         elif need_x:
             grad_x_ND = _grouped_linear(grad_parts[0], weight_parts[0].mT, plan)

@@ -253,6 +253,40 @@ def test_matches_eager_no_grad(num_tokens, inference_path, drop_fraction, monkey
         assert {kind for kind, _ in calls} == {"mm"} and sum(rows for _, rows in calls) == 2 * kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu", "linear"])
+@pytest.mark.parametrize("path", ["decode", "short", "long"])
+def test_no_grad_paths_dtypes_and_activations(dtype, hidden_act, path, monkeypatch):
+    """Inference in every path, fp32 and bf16, SiLU and others ("linear" hands back its input: nothing may write
+    into it). "decode" routes 3 tokens to 6 distinct experts, the assignment-order plan with T > 1."""
+    use_kernels(monkeypatch, "grouped_mm", "fused", "long" if path == "long" else "short")
+    experts = make_experts(dtype, hidden_act=hidden_act, num_experts=8, ffn=16)
+    if path == "decode":
+        index_TK, weights_TK = torch.tensor([[0, 3], [5, 1], [7, 2]]), torch.rand(3, 2) + 0.1
+        assert plan_dispatch(index_TK, 8).rows_N is None
+    else:
+        index_TK, weights_TK = random_routing(40, num_experts=8, idle=(4,), drop_fraction=0.2, seed=5)
+    x_TD = torch.randn(index_TK.shape[0], HIDDEN).to(dtype)
+    assert_matches_eager(experts, x_TD, index_TK, weights_TK, with_backward=False)
+
+
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_routing_weight_gradient_alone(segments, monkeypatch):
+    """Frozen experts and an input without gradient (a router-only fine-tune): only d(routing weights) is produced."""
+    use_kernels(monkeypatch, "grouped_mm", "split", segments)
+    experts = make_experts().requires_grad_(False)
+    index_TK, weights_TK = random_routing(23, drop_fraction=0.2, seed=8)
+    x_TD, grad_TD = torch.randn(23, HIDDEN), torch.randn(23, HIDDEN)
+    grads = {}
+    for implementation in ("eager", SPARSE_MOE_EXPERTS):
+        experts.config._experts_implementation = implementation
+        weights = weights_TK.clone().requires_grad_(True)
+        experts(x_TD, index_TK, weights).backward(grad_TD)
+        grads[implementation] = weights.grad
+    assert grads[SPARSE_MOE_EXPERTS].abs().sum() > 0
+    torch.testing.assert_close(grads[SPARSE_MOE_EXPERTS], grads["eager"], **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("segments", ["short", "long"])
 def test_fine_grained_many_experts_top8(segments, monkeypatch):
     use_kernels(monkeypatch, "grouped_mm", "fused", segments)
@@ -314,8 +348,10 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-def test_autocast_bf16_matches_eager():
+@pytest.mark.parametrize("segments", ["short", "long"])
+def test_autocast_bf16_matches_eager(segments, monkeypatch):
     """Under CPU autocast the experts run in bf16 (the eager loop itself cannot: its fp32 buffer rejects bf16 rows)."""
+    use_kernels(monkeypatch, "grouped_mm", "fused", segments)
     experts = make_experts()
     index_TK, weights_TK = random_routing(19, drop_fraction=0.2, seed=6)
     x_TD, grad_TD = torch.randn(19, HIDDEN), torch.randn(19, HIDDEN)
