@@ -271,23 +271,6 @@ def test_no_grad_paths_dtypes_and_activations(dtype, hidden_act, path, monkeypat
 
 
 @pytest.mark.parametrize("segments", ["short", "long"])
-def test_routing_weight_gradient_alone(segments, monkeypatch):
-    """Frozen experts and an input without gradient (a router-only fine-tune): only d(routing weights) is produced."""
-    use_kernels(monkeypatch, "grouped_mm", "split", segments)
-    experts = make_experts().requires_grad_(False)
-    index_TK, weights_TK = random_routing(23, drop_fraction=0.2, seed=8)
-    x_TD, grad_TD = torch.randn(23, HIDDEN), torch.randn(23, HIDDEN)
-    grads = {}
-    for implementation in ("eager", SPARSE_MOE_EXPERTS):
-        experts.config._experts_implementation = implementation
-        weights = weights_TK.clone().requires_grad_(True)
-        experts(x_TD, index_TK, weights).backward(grad_TD)
-        grads[implementation] = weights.grad
-    assert grads[SPARSE_MOE_EXPERTS].abs().sum() > 0
-    torch.testing.assert_close(grads[SPARSE_MOE_EXPERTS], grads["eager"], **TOLERANCE[torch.float32])
-
-
-@pytest.mark.parametrize("segments", ["short", "long"])
 def test_fine_grained_many_experts_top8(segments, monkeypatch):
     use_kernels(monkeypatch, "grouped_mm", "fused", segments)
     experts = make_experts(num_experts=64, top_k=8)
@@ -326,6 +309,14 @@ def test_partial_requires_grad(segments, monkeypatch):
         experts(x, index_TK, weights_TK).backward(grad_TD)
         results[implementation] = x.grad
         assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None
+    torch.testing.assert_close(results[SPARSE_MOE_EXPERTS], results["eager"], **TOLERANCE[torch.float32])
+
+    for implementation in ("eager", SPARSE_MOE_EXPERTS):  # only the routing weights (a router-only fine-tune)
+        experts.config._experts_implementation = implementation
+        weights = weights_TK.clone().requires_grad_(True)
+        experts(x_TD, index_TK, weights).backward(grad_TD)
+        results[implementation] = weights.grad
+    assert results[SPARSE_MOE_EXPERTS].abs().sum() > 0
     torch.testing.assert_close(results[SPARSE_MOE_EXPERTS], results["eager"], **TOLERANCE[torch.float32])
 
     experts.requires_grad_(True)
