@@ -308,6 +308,13 @@ def _down_projection(parts, top_k_weights_TK, down_EDF, act_fn, plan: DispatchPl
     return _combine(y_ND, top_k_weights_TK, plan).to(gate_NF.dtype)
 
 
+def _add_weighted_rows_(out_TD: torch.Tensor, y_RD: torch.Tensor, weights_R1: torch.Tensor, token_R: torch.Tensor):
+    """out[token] += weight * y for one expert's rows (CPU long segments): `_combine`'s fp32 products, added in place
+    into the fp32 (T, D) result. Consumes y_RD."""
+    y_RD = y_RD.mul_(weights_R1) if y_RD.dtype == torch.float32 else y_RD.float() * weights_R1
+    out_TD.index_add_(0, token_R, y_RD)
+
+
 def _down_projection_long(parts, top_k_weights_TK, down_EDF, act_fn, plan: DispatchPlan) -> torch.Tensor:
     """`_down_projection` for long segments on CPU (training forward): per expert, activation, down product and a
     weighted add into the (T, D) result; no (N, F) or (N, D) temporary. The saved pre-activations are not touched."""
@@ -317,9 +324,7 @@ def _down_projection_long(parts, top_k_weights_TK, down_EDF, act_fn, plan: Dispa
     for expert, start, end in plan.segments:
         g_RF = _activation(act_fn, gate_NF[start:end]) * up_NF[start:end]
         y_RD = torch.mm(g_RF, down_EDF[expert].t())
-        weights_R1 = weights_N1[start:end]  # fp32 products, as in `_combine`
-        y_RD = y_RD.mul_(weights_R1) if y_RD.dtype == torch.float32 else y_RD.float() * weights_R1
-        out_TD.index_add_(0, plan.token_N[start:end], y_RD)
+        _add_weighted_rows_(out_TD, y_RD, weights_N1[start:end], plan.token_N[start:end])
     return out_TD.to(gate_NF.dtype)
 
 
@@ -360,10 +365,7 @@ def _experts_inference(x_TD, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn, pl
         h_RH = torch.mm(x_TD.index_select(0, token_R), gate_up_EHD[expert].t())
         gate_RF, up_RF = h_RH[:, :ffn_dim], h_RH[:, ffn_dim:]
         g_RF = (F.silu(gate_RF, inplace=True) if _is_silu(act_fn) else act_fn(gate_RF)).mul_(up_RF)
-        y_RD = torch.mm(g_RF, down_EDF[expert].t())
-        weights_R1 = weights_N1[start:end]  # fp32 products, as in `_combine`
-        y_RD = y_RD.mul_(weights_R1) if y_RD.dtype == torch.float32 else y_RD.float() * weights_R1
-        out_TD.index_add_(0, token_R, y_RD)
+        _add_weighted_rows_(out_TD, torch.mm(g_RF, down_EDF[expert].t()), weights_N1[start:end], token_R)
     return out_TD.to(x_TD.dtype)
 
 
