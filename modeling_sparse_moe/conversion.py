@@ -362,23 +362,10 @@ def hf_config_from_sparse(
         logger.warning(f"to_hf({family!r}) drops training-only settings {family} has no field for: {dropped}")
 
     fields = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
+        _common_fields(config),
         num_hidden_layers=n,
-        num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        rope_parameters=copy.deepcopy(dict(config.rope_parameters)),
-        rms_norm_eps=config.rms_norm_eps,
-        attention_dropout=config.attention_dropout,
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.initializer_range,
-        pad_token_id=_pad_id(config),
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        use_cache=config.use_cache,
         num_experts_per_tok=config.num_experts_per_tok,
         router_aux_loss_coef=config.router_aux_loss_coef,
         output_router_logits=config.output_router_logits,
@@ -482,26 +469,26 @@ def _transformer_fields(cfg: PreTrainedConfig, problems: list[str]) -> dict:
     """SparseMoEConfig fields shared by every supported family: shapes, RoPE, norms, ids, sliding window."""
     heads = cfg.num_attention_heads
     return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
+        _common_fields(cfg),
         num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=heads,
         num_key_value_heads=cfg.num_key_value_heads or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters=copy.deepcopy(dict(cfg.rope_parameters)),
-        rms_norm_eps=cfg.rms_norm_eps,
-        attention_dropout=cfg.attention_dropout,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        initializer_range=cfg.initializer_range,
-        pad_token_id=_pad_id(cfg),
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        use_cache=cfg.use_cache,
         sliding_window=_uniform_sliding_window(cfg, problems),
         dtype=cfg.dtype,
     )
+
+
+# Fields with the same name and meaning in SparseMoEConfig and in every supported family's config (both directions).
+_COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "num_attention_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "attention_dropout", "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "use_cache",
+)
+
+
+def _common_fields(cfg: PreTrainedConfig) -> dict:
+    """The fields copied as they are between the families, plus RoPE (a copy) and the pad id (see `_pad_id`)."""
+    fields = {name: getattr(cfg, name) for name in _COMMON_FIELDS}
+    return dict(fields, rope_parameters=copy.deepcopy(dict(cfg.rope_parameters)), pad_token_id=_pad_id(cfg))
 
 
 def _uniform_sliding_window(cfg: PreTrainedConfig, problems: list[str]) -> int | None:
