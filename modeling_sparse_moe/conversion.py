@@ -84,21 +84,13 @@ def from_hf(model_or_path, *, dtype: torch.dtype | None = None, attn_implementat
     """Convert a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE causal LM (a loaded model or a checkpoint folder) into a
     `SparseMoEForCausalLM` with the same logits. Raises a `ValueError` listing every source feature SparseMoE cannot
     express. A folder is read tensor by tensor, so only the returned model is ever fully in memory."""
-    with _open_source(model_or_path) as (hf_config, source, default_dtype, default_attn, generation_config):
-        family = hf_config.model_type
-        config = sparse_config_from_hf(hf_config)
+
+    def build(hf_config, source):
+        family, config = hf_config.model_type, sparse_config_from_hf(hf_config)
         view = _FamilyView(source, family, config.num_experts)
-        model = _materialize(
-            SparseMoEForCausalLM,
-            config,
-            _plan_from_hf(family, config),
-            view,
-            dtype or default_dtype,
-            attn_implementation or default_attn,
-        )
-    if generation_config is not None:
-        model.generation_config = generation_config
-    return model
+        return SparseMoEForCausalLM, config, _plan_from_hf(family, config), view
+
+    return _convert(model_or_path, build, dtype, attn_implementation)
 
 
 def to_hf(model_or_path, family: str, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
@@ -108,21 +100,14 @@ def to_hf(model_or_path, family: str, *, dtype: torch.dtype | None = None, attn_
     model the family cannot express. Training-only settings (capacity, z-loss, bias updates) are dropped with a
     warning: they do not change inference."""
     _check_family(family, MOE_FAMILIES, "to_hf")
-    with _open_source(model_or_path) as (config, source, default_dtype, default_attn, generation_config):
+
+    def build(config, source):
         if not isinstance(config, SparseMoEConfig):
             raise ValueError(f"to_hf expects a SparseMoE model, got model_type={config.model_type!r}.")
         hf_config = hf_config_from_sparse(config, family, correction_bias_problems(config, source))
-        model = _materialize(
-            _causal_lm_class(family),
-            hf_config,
-            _plan_to_hf(family, hf_config),
-            source,
-            dtype or default_dtype,
-            attn_implementation or default_attn,
-        )
-    if generation_config is not None:
-        model.generation_config = generation_config
-    return model
+        return _causal_lm_class(family), hf_config, _plan_to_hf(family, hf_config), source
+
+    return _convert(model_or_path, build, dtype, attn_implementation)
 
 
 def upcycle(
@@ -144,15 +129,22 @@ def upcycle(
 
     `overrides` are `SparseMoEConfig` routing/MoE fields (e.g. `router_aux_loss_coef`, `capacity_factor`,
     `moe_layer_freq`, `first_k_dense_replace`); fields copied from the dense model cannot be overridden."""
-    with _open_source(dense_model_or_path) as (dense_config, source, default_dtype, default_attn, generation_config):
+
+    def build(dense_config, source):
         config = upcycle_config(dense_config, num_experts, num_experts_per_tok, **overrides)
+        return SparseMoEForCausalLM, config, _plan_upcycle(config, noise_std, seed), source
+
+    return _convert(dense_model_or_path, build, dtype, attn_implementation)
+
+
+def _convert(model_or_path, build, dtype, attn_implementation):
+    """The shared body of `from_hf`, `to_hf` and `upcycle`: open the source (a model or a folder), let `build(config,
+    source)` return `(model class, target config, tensor plan, tensor source)`, materialise the target model in the
+    requested (or the source's) dtype and attention implementation, and carry the generation config over."""
+    with _open_source(model_or_path) as (config, source, default_dtype, default_attn, generation_config):
+        model_class, target_config, plan, tensors = build(config, source)
         model = _materialize(
-            SparseMoEForCausalLM,
-            config,
-            _plan_upcycle(config, noise_std, seed),
-            source,
-            dtype or default_dtype,
-            attn_implementation or default_attn,
+            model_class, target_config, plan, tensors, dtype or default_dtype, attn_implementation or default_attn
         )
     if generation_config is not None:
         model.generation_config = generation_config
