@@ -1,0 +1,63 @@
+"""The benchmark and GPU-check scripts run as a user runs them, at tiny sizes. Timings are not judged here (they
+belong to the scripts' own reports); what is exact is: identical logits for identical weights, the dense baseline's
+ratio of 1, every cell present, a training step's peak memory holding at least the experts' weight gradients, and
+the correctness checks of `gpu_check.py` passing on its CPU dry run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from modeling_sparse_moe import SparseMoEConfig
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_moe import BLOCKS, SHAPES  # noqa: E402
+
+
+def run_script(name: str, *args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_bench_moe_reports_every_cell(tmp_path):
+    out = tmp_path / "moe.json"
+    run_script(
+        "bench_moe.py", "--tokens", "1", "33", "--repeats", "1", "--min-sample-s", "0", "--json", str(out), cwd=tmp_path
+    )
+    report = json.loads(out.read_text())
+    cells = {(r["shape"], r["tokens"], r["mode"], r["block"]): r for r in report["records"]}
+    assert set(cells) == {(s, t, m, b) for s in "AB" for t in (1, 33) for m in ("infer", "train") for b in BLOCKS}
+    for (shape, _, mode, block), record in cells.items():
+        assert record["ms"] > 0
+        if block == "dense":
+            assert record["ratio"] == 1.0
+        if mode == "train" and block == "ours":
+            config = SparseMoEConfig(**SHAPES[shape], num_attention_heads=8, num_key_value_heads=8)
+            weight_grads_mb = 3 * config.num_experts * config.moe_intermediate_size * config.hidden_size * 4 / 2**20
+            assert record["peak_mb"] >= weight_grads_mb, (shape, record["peak_mb"], weight_grads_mb)
+
+
+def test_bench_model_same_logits_and_breakdown(tmp_path):
+    out = tmp_path / "model.json"
+    run_script("bench_model.py", "--quick", "--no-rss", "--json", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["max_logit_diff"] == 0.0  # same weights, same numerics as Mixtral
+    results = report["results"]
+    for model in ("ours", "mixtral"):
+        for measure in ("train_step", "prefill", "decode"):
+            assert results[measure][model]["tokens_per_s"] > 0
+        assert all(results["train_breakdown_ms"][model][part] > 0 for part in ("forward", "backward", "optimizer"))
+        assert 0 < results["moe_share_of_decode"][model] < 1
+
+
+def test_gpu_check_cpu_dry_run_passes(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    stdout = run_script("gpu_check.py", "--device", "cpu", "--quick", "--skip-bench", "--json", str(out), cwd=tmp_path)
+    assert "correctness: all passed" in stdout
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and len(report["checks"]) == 7  # 2 shapes x 3 token counts, plus the whole model
