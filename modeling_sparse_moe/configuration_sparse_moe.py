@@ -183,11 +183,18 @@ class SparseMoEConfig(PreTrainedConfig):
         if self.head_dim is None and isinstance(self.hidden_size, int) and isinstance(self.num_attention_heads, int):
             if self.num_attention_heads > 0:
                 self.head_dim = self.hidden_size // self.num_attention_heads
+        self._fill_derived_defaults()
+        super().__post_init__(**kwargs)
+        self._check_sparse_moe_fields()
+
+    def _fill_derived_defaults(self):
+        """Fields whose `None` means "derived from others"; also run by `validate`, so that an override such as
+        `num_shared_experts=1` on a loaded config gets its default shared width like a fresh config does."""
         if self.attention_out_bias is None:
             self.attention_out_bias = self.attention_bias
         if self.mlp_only_layers is None:
             self.mlp_only_layers = []
-        elif isinstance(self.mlp_only_layers, (list, tuple)):
+        elif isinstance(self.mlp_only_layers, tuple):
             self.mlp_only_layers = list(self.mlp_only_layers)
         if (
             self.shared_expert_intermediate_size is None
@@ -196,10 +203,47 @@ class SparseMoEConfig(PreTrainedConfig):
             and self.num_shared_experts > 0
         ):
             self.shared_expert_intermediate_size = self.moe_intermediate_size * self.num_shared_experts
-        super().__post_init__(**kwargs)
-        self._check_sparse_moe_fields()
 
     # ------------------------------------------------------------------ validation
+    def validate(self):
+        """Check every field and raise a `ValueError` naming the first invalid one.
+
+        Runs when the config is built, after `from_dict` / `from_pretrained` apply their keyword overrides, after
+        `update` / `update_from_string`, and in every model's `__init__` before any layer is built. NOTE: a plain
+        `config.field = value` is not checked on the spot, because changing two related fields one after the other
+        (say `num_experts` then `n_group`) may pass through an invalid state; the model built from it checks.
+        """
+        self._fill_derived_defaults()
+        self._check_fields_read_by_parent_post_init()
+        self._check_sparse_moe_fields()
+        parent_validate = getattr(super(), "validate", None)
+        if parent_validate is not None:
+            parent_validate()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # transformers builds the config from the dict, then applies keyword overrides with setattr: validate after.
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()
+        return result
+
+    def update(self, config_dict):
+        self._validated_change(super().update, config_dict)
+
+    def update_from_string(self, update_str: str):
+        self._validated_change(super().update_from_string, update_str)
+
+    def _validated_change(self, change, *args):
+        """Apply `change`, then validate; if either fails, the config keeps every value it had before."""
+        before = dict(self.__dict__)
+        try:
+            change(*args)
+            self.validate()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
     def _fail(self, field, rule):
         raise ValueError(f"SparseMoEConfig.{field}={getattr(self, field, None)!r} is invalid: {rule}")
 

@@ -569,6 +569,12 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
         "attentions": SparseMoEAttention,
     }
 
+    def __init__(self, config: SparseMoEConfig, *inputs, **kwargs):
+        # NOTE: fields set one by one with setattr are not checked on the spot (see SparseMoEConfig.validate), so
+        # every model checks its config here, before any layer is built.
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
+
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # NOTE: unset means our sort-once dispatch (moe_dispatch.py); "eager" stays available as the reference.
         requested_experts = SPARSE_MOE_EXPERTS if requested_experts is None else requested_experts
