@@ -37,7 +37,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_sparse_moe import SparseMoEConfig
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
@@ -316,8 +316,9 @@ class SparseMoERouter(nn.Module):
         num_tokens, top_k = top_k_index_TK.shape
         expert_of_A = top_k_index_TK.t().reshape(-1)  # (A = K*T,) in priority order
         sorted_experts_A, order_A = torch.sort(expert_of_A, stable=True)
-        counts_E = torch.bincount(sorted_experts_A, minlength=self.num_experts)
-        segment_start_E = torch.cumsum(counts_E, 0) - counts_E
+        # NOTE: `searchsorted`, not `bincount`: a static (E,) shape, so this compiles in one graph (fullgraph).
+        expert_ids_E = torch.arange(self.num_experts, device=expert_of_A.device, dtype=sorted_experts_A.dtype)
+        segment_start_E = torch.searchsorted(sorted_experts_A, expert_ids_E)
         rank_sorted_A = torch.arange(expert_of_A.numel(), device=expert_of_A.device) - segment_start_E[sorted_experts_A]
         rank_A = torch.empty_like(rank_sorted_A).scatter_(0, order_A, rank_sorted_A)
         return (rank_A >= self.capacity(num_tokens)).view(top_k, num_tokens).t()
@@ -344,8 +345,9 @@ class SparseMoERouter(nn.Module):
 
         dropped_TK = None
         if self.training:
-            with torch.no_grad():
-                self.expert_load.add_(torch.bincount(top_k_index_TK.reshape(-1), minlength=self.num_experts))
+            with torch.no_grad():  # NOTE: index_add_, not bincount: a static shape (compiles in one graph)
+                index_A = top_k_index_TK.reshape(-1)
+                self.expert_load.index_add_(0, index_A, torch.ones_like(index_A, dtype=self.expert_load.dtype))
             if self.config.capacity_factor is not None:
                 dropped_TK = self.over_capacity(top_k_index_TK)
                 top_k_weights_TK = top_k_weights_TK.masked_fill(dropped_TK, 0.0)
@@ -410,7 +412,10 @@ class SparseMoEBlock(nn.Module):
         batch_size, seq_len, hidden_dim = hidden_states.shape
         x_TD = hidden_states.reshape(-1, hidden_dim)
         _, top_k_weights_TK, top_k_index_TK, dropped_TK = self.gate(x_TD)
-        if dropped_TK is not None and self.config._experts_implementation in SENTINEL_AWARE_EXPERTS:
+        # NOTE: transformers' expert-parallel dispatch (`_is_expert_parallel`) sizes its exchange by the global expert
+        # count; a dropped assignment keeps its expert there, with weight 0.
+        sentinel_ok = self.config._experts_implementation in SENTINEL_AWARE_EXPERTS
+        if dropped_TK is not None and sentinel_ok and not getattr(self.experts, "_is_expert_parallel", False):
             top_k_index_TK = top_k_index_TK.masked_fill(dropped_TK, self.num_experts)
         out_TD = self.experts(x_TD, top_k_index_TK, top_k_weights_TK)
         if self.shared_experts is not None:
@@ -442,17 +447,9 @@ def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch
     return router_logits.float().softmax(dim=-1)
 
 
-def load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...],
-    router_indices: tuple[torch.Tensor, ...],
-    num_experts: int,
-    router_type: str = "softmax",
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Switch Transformer / Mixtral load-balancing loss, pooled over layers: E * sum_e f_e * P_e, where f_e is the
-    fraction of top-k assignments to expert e (counts sum to K per token) and P_e the mean router probability.
-    Padding positions (attention_mask == 0) are excluded. Equals transformers' `load_balancing_loss_func` for
-    softmax routing."""
+def _load_balancing_sums(router_logits, router_indices, num_experts, router_type, attention_mask):
+    """Pooled over layers and non-padding rows: assignments per expert (E,), summed router probabilities per expert
+    (E,) and the number of rows. Counts carry no gradient; the probability sums do."""
     device = router_logits[0].device
     tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
     prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
@@ -469,12 +466,11 @@ def load_balancing_loss(
         )
         prob_per_expert = prob_per_expert + (probs_TE * mask_T.unsqueeze(-1)).sum(dim=0)
         total_rows = total_rows + mask_T.sum()
-    total_rows = total_rows.clamp(min=1.0)
-    return num_experts * torch.sum((tokens_per_expert / total_rows) * (prob_per_expert / total_rows))
+    return tokens_per_expert, prob_per_expert, total_rows
 
 
-def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over (non-padding) tokens of logsumexp(router logits)^2, pooled over layers."""
+def _z_loss_sums(router_logits, attention_mask):
+    """Pooled over layers: the sum of logsumexp(router logits)^2 over non-padding rows, and the number of rows."""
     device = router_logits[0].device
     total = torch.zeros((), dtype=torch.float32, device=device)
     rows = torch.zeros((), dtype=torch.float32, device=device)
@@ -486,7 +482,109 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch
         mask_T = mask_T.to(device)
         total = total + (z_T * mask_T).sum()
         rows = rows + mask_T.sum()
+    return total, rows
+
+
+def _balance_from_sums(tokens_per_expert, prob_per_expert, total_rows, num_experts):
+    total_rows = total_rows.clamp(min=1.0)
+    return num_experts * torch.sum((tokens_per_expert / total_rows) * (prob_per_expert / total_rows))
+
+
+def load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    router_indices: tuple[torch.Tensor, ...],
+    num_experts: int,
+    router_type: str = "softmax",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch Transformer / Mixtral load-balancing loss, pooled over layers: E * sum_e f_e * P_e, where f_e is the
+    fraction of top-k assignments to expert e (counts sum to K per token) and P_e the mean router probability.
+    Padding positions (attention_mask == 0) are excluded. Equals transformers' `load_balancing_loss_func` for
+    softmax routing. This is the loss of the tokens given; under data parallelism the heads pool f and P over every
+    rank's batch (`data_parallel_router_losses`)."""
+    sums = _load_balancing_sums(router_logits, router_indices, num_experts, router_type, attention_mask)
+    return _balance_from_sums(*sums, num_experts)
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over (non-padding) tokens of logsumexp(router logits)^2, pooled over layers."""
+    total, rows = _z_loss_sums(router_logits, attention_mask)
     return total / rows.clamp(min=1.0)
+
+
+def _data_parallel_world() -> int:
+    """Ranks of the default process group (1 without torch.distributed). Ranks that hold copies of the same batch
+    (tensor / expert parallel replicas) are counted too: they scale every pooled count alike, which cancels out."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """A detached copy of `values` summed over the default process group."""
+    values = values.detach().clone()
+    torch.distributed.all_reduce(values)
+    return values
+
+
+@dataclass
+class RouterLosses:
+    """Router losses of one forward pass.
+
+    aux_loss / z_loss: values over the whole data-parallel batch (every rank's tokens pooled).
+    penalty: `router_aux_loss_coef * aux + router_z_loss_coef * z` restricted to this rank's tokens: summed over the
+        ranks it equals the weighted losses of the whole batch, value and gradient. `None` when nothing is added.
+    num_ranks: ranks pooled (1 in a single process, in evaluation, or without labels).
+    """
+
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    dropped_fraction: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None
+    num_ranks: int = 1
+
+
+def data_parallel_router_losses(
+    router_logits: tuple[torch.Tensor, ...],
+    router_indices: tuple[torch.Tensor, ...],
+    config: SparseMoEConfig,
+    attention_mask: torch.Tensor | None = None,
+    pool_ranks: bool = False,
+) -> RouterLosses:
+    """Load-balancing and z-losses of the batch that all ranks hold together, with the gradient of this rank's share.
+
+    NOTE: both losses are functions of batch statistics (f_e, P_e, a token mean), so the loss of N ranks x b rows is
+    not the mean of N per-rank losses. With `pool_ranks`, one all-reduce sums the assignment counts, row counts,
+    probability sums and z sums over the default process group; this rank's share is then
+    `E * sum_e f_e * P_e(own rows)` and `sum z(own rows) / rows`: the shares of all ranks add up to the global losses,
+    and each share's gradient is exactly the global loss's gradient w.r.t. this rank's router logits."""
+    num_experts = config.num_experts
+    tokens_E, probs_E, rows = _load_balancing_sums(
+        router_logits, router_indices, num_experts, config.router_type, attention_mask
+    )
+    z_sum, z_rows = _z_loss_sums(router_logits, attention_mask)
+    num_ranks = _data_parallel_world() if pool_ranks else 1
+    if num_ranks == 1:
+        aux_share = _balance_from_sums(tokens_E, probs_E, rows, num_experts)
+        z_share = z_sum / z_rows.clamp(min=1.0)
+        aux_loss, z_loss = aux_share, z_share
+    else:
+        pooled = _sum_over_ranks(torch.cat([tokens_E, rows.view(1), probs_E, z_sum.view(1), z_rows.view(1)]))
+        all_tokens_E, all_rows, all_probs_E, all_z, all_z_rows = pooled.split([num_experts, 1, num_experts, 1, 1])
+        all_rows, all_z_rows = all_rows.squeeze(0).clamp(min=1.0), all_z_rows.squeeze(0).clamp(min=1.0)
+        aux_share = num_experts * torch.sum((all_tokens_E / all_rows) * (probs_E / all_rows))
+        z_share = z_sum / all_z_rows
+        # Reported values are the pooled losses; their gradient is this rank's share's.
+        aux_pooled = num_experts * torch.sum((all_tokens_E / all_rows) * (all_probs_E / all_rows))
+        aux_loss = aux_share + (aux_pooled - aux_share).detach()
+        z_loss = z_share + (all_z.squeeze(0) / all_z_rows - z_share).detach()
+    penalty = None
+    if config.router_aux_loss_coef > 0:
+        penalty = config.router_aux_loss_coef * aux_share
+    if config.router_z_loss_coef > 0:
+        weighted_z = config.router_z_loss_coef * z_share
+        penalty = weighted_z if penalty is None else penalty + weighted_z
+    return RouterLosses(aux_loss=aux_loss, z_loss=z_loss, penalty=penalty, num_ranks=num_ranks)
 
 
 @torch.no_grad()
@@ -494,19 +592,33 @@ def update_router_biases(model: nn.Module, rate: float | None = None) -> int:
     """DeepSeek-V3 aux-loss-free balancing: for every router, `bias += rate * sign(mean load - load)` using the
     expert loads recorded by the training forwards since the previous call (all micro-batches of a step), then
     resets those loads. Call it after each optimizer step (`training.RouterBiasUpdateCallback` does so for
-    `Trainer`). Returns the number of routers updated (0 when the rate is 0)."""
+    `Trainer`). Returns the number of routers updated (0 when the rate is 0).
+
+    Under torch.distributed every rank must call it (Trainer callbacks run on every rank): the loads are summed over
+    the default process group first, so every rank applies the update a single process would make for the whole
+    batch, and the biases stay identical across ranks. Replicas of the same batch (tensor / expert parallel ranks)
+    scale every load alike, which leaves the sign unchanged."""
+    routers = [
+        module
+        for module in model.modules()
+        if isinstance(module, SparseMoERouter)
+        and (module.config.router_bias_update_rate if rate is None else rate) > 0
+    ]
+    if not routers:
+        return 0
+    loads = [router.expert_load.float() for router in routers]
+    if _data_parallel_world() > 1:
+        # NOTE: one all-reduce for all routers; every rank holds the same routers and rates, so the calls match.
+        device = loads[0].device
+        pooled_RE = _sum_over_ranks(torch.stack([load_E.to(device) for load_E in loads]))
+        loads = [load_E.to(router.expert_load.device) for load_E, router in zip(pooled_RE, routers)]
     updated = 0
-    for module in model.modules():
-        if not isinstance(module, SparseMoERouter):
-            continue
-        step = module.config.router_bias_update_rate if rate is None else rate
-        if step <= 0:
-            continue
-        load_E = module.expert_load.float()
+    for router, load_E in zip(routers, loads):
         if load_E.sum() == 0:
             continue
-        module.e_score_correction_bias.add_(step * torch.sign(load_E.mean() - load_E))
-        module.expert_load.zero_()
+        step = router.config.router_bias_update_rate if rate is None else rate
+        router.e_score_correction_bias.add_(step * torch.sign(load_E.mean() - load_E))
+        router.expert_load.zero_()
         updated += 1
     return updated
 
@@ -558,7 +670,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # routing has data-dependent shapes
+    _can_compile_fullgraph = True  # the compiled experts path is sync-free with static shapes (moe_dispatch.py)
     _supports_attention_backend = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
@@ -574,6 +686,15 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
         # every model checks its config here, before any layer is built.
         config.validate()
         super().__init__(config, *inputs, **kwargs)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by `DistributedDataParallel` when it wraps the model.
+
+        NOTE: DDP broadcasts rank 0's buffers before every forward. A router's `expert_load` counts this rank's
+        assignments since the last bias update (every micro-batch of a step under gradient accumulation): rank 0's
+        copy would overwrite them. `update_router_biases` sums them over the ranks instead."""
+        return [name for name, _ in self.named_buffers() if name.rpartition(".")[2] == "expert_load"]
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # NOTE: unset means our sort-once dispatch (moe_dispatch.py); "eager" stays available as the reference.
@@ -599,6 +720,9 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, SparseMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
+            # NOTE: not in checkpoints (non-persistent), so from_pretrained leaves it uninitialised memory unless
+            # zeroed here; the first bias update would then balance on garbage.
+            init.zeros_(module.expert_load)
 
 
 def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_mask, cache) -> None:
@@ -657,6 +781,11 @@ class SparseMoEModel(SparseMoEPreTrainedModel):
         self.rotary_emb = SparseMoERotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
+        # NOTE: transformers installs the output-recording hooks (router logits, ...) on the first forward that
+        # records, under a threading lock dynamo cannot trace: a fresh model's first compiled training step would
+        # break the graph there (with fullgraph=True: fail). Installed now, every forward is one graph; a hook whose
+        # output is not being recorded returns at once.
+        maybe_install_capturing_hooks(self)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -722,41 +851,75 @@ class _RouterLossMixin:
         wants_losses = has_labels and (cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0)
         return bool(output_router_logits) or wants_losses or (self.training and cfg.capacity_factor is not None)
 
-    def _router_losses(self, outputs, attention_mask):
-        """(aux_loss, z_loss, dropped_fraction) from recorded router outputs; Nones when not recorded."""
+    def _router_losses(self, outputs, attention_mask, has_labels: bool = False) -> RouterLosses:
+        """Aux loss, z-loss, dropped fraction and the penalty to add to the task loss, from recorded router outputs.
+
+        NOTE: only a training forward with labels pools the batch statistics over ranks: every data-parallel engine
+        runs those on all ranks in lockstep. An evaluation or a forward without labels never communicates, so a
+        forward run on one rank alone cannot hang."""
         logits = outputs.router_logits
         if not logits:
-            return None, None, None
-        aux_loss = load_balancing_loss(
-            logits, outputs.router_indices, self.config.num_experts, self.config.router_type, attention_mask
+            return RouterLosses()
+        losses = data_parallel_router_losses(
+            logits, outputs.router_indices, self.config, attention_mask, pool_ranks=self.training and has_labels
         )
-        z_loss = router_z_loss(logits, attention_mask)
         dropped = outputs.router_dropped
-        dropped_fraction = torch.stack([d.float().mean() for d in dropped]).mean() if dropped else None
-        return aux_loss, z_loss, dropped_fraction
+        if dropped:
+            losses.dropped_fraction = torch.stack([d.float().mean() for d in dropped]).mean()
+        return losses
 
-    def _add_router_losses(self, loss, aux_loss, z_loss):
-        if loss is None or aux_loss is None:
+    def _add_router_losses(
+        self,
+        loss: torch.Tensor | None,
+        router: RouterLosses,
+        targets: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor | None:
+        """`loss + scale * router.penalty`, with the scale that makes the router losses' gradient, after the caller's
+        data-parallel reduction, that of one process holding the whole batch.
+
+        NOTE: how callers reduce, read from transformers 5.24 `Trainer` (`_get_num_items_in_batch`, `compute_loss`,
+        `training_step`) and DDP / FSDP (gradients are averaged over the N data-parallel ranks):
+          - Task loss normalised by `num_items_in_batch` (the causal LM head under `Trainer`): the loss is a token sum
+            divided by the supervised tokens of the whole optimizer step, gradient accumulation included, and
+            Trainer does not divide it by the accumulation steps. With `average_tokens_across_devices=True` (the
+            default) that count is summed over ranks and Trainer multiplies the loss by N, which cancels DDP's mean:
+            the step's gradient is the sum of every rank's and micro-batch's. With `False` the count is this rank's
+            and nothing is multiplied: the gradient is (1/N) x that sum. Giving the router penalty the weight of
+            this micro-batch's supervised tokens (summed over ranks, like the pooled statistics) over
+            `num_items_in_batch` fits both: the pooled shares add up to the losses of the global micro-batch,
+            weighted by its share of the step's tokens (1 without accumulation). With `False` it is exact when ranks
+            hold equally many supervised tokens, the same condition under which the cross-entropy itself is.
+          - Task loss that is a per-rank mean (no `num_items_in_batch`: plain loops, the classification heads): the
+            gradient is (1/N) x the sum over ranks, so each rank's share is multiplied by N (the ranks pooled).
+        In one process both scales are 1 (without accumulation) and this is `loss + penalty`."""
+        if loss is None or router.penalty is None:
             return loss
-        if self.config.router_aux_loss_coef > 0:
-            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        if self.config.router_z_loss_coef > 0:
-            loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
-        return loss
+        penalty = router.penalty.to(loss.device)
+        if num_items_in_batch is None or targets is None:
+            scale = router.num_ranks
+        else:
+            micro_batch_items = (targets != ignore_index).sum().to(torch.float32)
+            if router.num_ranks > 1:
+                micro_batch_items = _sum_over_ranks(micro_batch_items)
+            step_items = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=micro_batch_items.device)
+            scale = (micro_batch_items / step_items.clamp(min=1.0)).to(loss.device)
+        return loss + (penalty if isinstance(scale, int) and scale == 1 else scale * penalty)
 
     def _run_base(self, output_router_logits, has_labels, **model_kwargs):
         record = self._needs_router_outputs(has_labels, output_router_logits)
         outputs = self.model(
             output_router_logits=record, output_router_indices=record, output_router_dropped=record, **model_kwargs
         )
-        aux_loss, z_loss, dropped_fraction = self._router_losses(outputs, model_kwargs.get("attention_mask"))
-        return outputs, aux_loss, z_loss, dropped_fraction
+        return outputs, self._router_losses(outputs, model_kwargs.get("attention_mask"), has_labels)
 
 
 class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: SparseMoEConfig):
         super().__init__(config)
@@ -785,7 +948,7 @@ class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, Generatio
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        outputs, aux_loss, z_loss, dropped_fraction = self._run_base(
+        outputs, router = self._run_base(
             output_router_logits,
             labels is not None,
             input_ids=input_ids,
@@ -804,14 +967,15 @@ class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, Generatio
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             targets = kwargs["shift_labels"] if kwargs.get("shift_labels") is not None else labels[..., 1:]
-            loss = _zero_loss_without_targets(loss, logits, targets, kwargs.get("ignore_index", -100))
-            loss = self._add_router_losses(loss, aux_loss, z_loss)
+            ignore_index = kwargs.get("ignore_index", -100)
+            loss = _zero_loss_without_targets(loss, logits, targets, ignore_index)
+            loss = self._add_router_losses(loss, router, targets, kwargs.get("num_items_in_batch"), ignore_index)
 
         output = SparseMoECausalLMOutputWithPast(
             loss=loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            dropped_fraction=dropped_fraction,
+            aux_loss=router.aux_loss,
+            z_loss=router.z_loss,
+            dropped_fraction=router.dropped_fraction,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -836,6 +1000,11 @@ def _last_non_pad_positions(config, input_ids, batch_size, device):
 
 
 class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedModel):
+    # NOTE: the loss is a per-batch mean that ignores `num_items_in_batch`. Without this, Trainer (seeing **kwargs)
+    # would pass the count, skip the division by the accumulation steps and, under DDP, multiply the loss by the
+    # number of processes: a gradient N x accumulation-steps too large.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: SparseMoEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -863,7 +1032,7 @@ class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedMo
         return_dict=None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
-        outputs, aux_loss, z_loss, _ = self._run_base(
+        outputs, router = self._run_base(
             output_router_logits,
             labels is not None,
             input_ids=input_ids,
@@ -881,7 +1050,7 @@ class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedMo
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-            loss = self._add_router_losses(loss, aux_loss, z_loss)
+            loss = self._add_router_losses(loss, router)
         output = SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
@@ -893,6 +1062,8 @@ class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedMo
 
 
 class SparseMoEForTokenClassification(_RouterLossMixin, SparseMoEPreTrainedModel):
+    accepts_loss_kwargs = False  # a per-batch mean, as in SparseMoEForSequenceClassification
+
     def __init__(self, config: SparseMoEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -921,7 +1092,7 @@ class SparseMoEForTokenClassification(_RouterLossMixin, SparseMoEPreTrainedModel
         return_dict=None,
         **kwargs,
     ) -> TokenClassifierOutput:
-        outputs, aux_loss, z_loss, _ = self._run_base(
+        outputs, router = self._run_base(
             output_router_logits,
             labels is not None,
             input_ids=input_ids,
@@ -937,7 +1108,7 @@ class SparseMoEForTokenClassification(_RouterLossMixin, SparseMoEPreTrainedModel
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config)
             loss = _zero_loss_without_targets(loss, logits, labels, -100)
-            loss = self._add_router_losses(loss, aux_loss, z_loss)
+            loss = self._add_router_losses(loss, router)
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -972,7 +1143,7 @@ class SparseMoEForQuestionAnswering(_RouterLossMixin, SparseMoEPreTrainedModel):
         **kwargs,
     ) -> QuestionAnsweringModelOutput:
         has_labels = start_positions is not None and end_positions is not None
-        outputs, aux_loss, z_loss, _ = self._run_base(
+        outputs, router = self._run_base(
             output_router_logits,
             has_labels,
             input_ids=input_ids,
@@ -988,7 +1159,7 @@ class SparseMoEForQuestionAnswering(_RouterLossMixin, SparseMoEPreTrainedModel):
         loss = None
         if has_labels:
             loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
-            loss = self._add_router_losses(loss, aux_loss, z_loss)
+            loss = self._add_router_losses(loss, router)
         output = QuestionAnsweringModelOutput(
             loss=loss,
             start_logits=start_logits,
@@ -1022,5 +1193,7 @@ __all__ = [
     "SparseMoEDecoderLayer",
     "load_balancing_loss",
     "router_z_loss",
+    "data_parallel_router_losses",
+    "RouterLosses",
     "update_router_biases",
 ]

@@ -519,6 +519,149 @@ def _down_backward_long(grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, 
     return grad_weights_N, grad_down_EDF, grad_parts
 
 
+# ---------------------------------------------------------------------------------------- static path (sync-free)
+# NOTE: `torch._grouped_mm`'s meta function accepts bf16 only (torch 2.13), so a compiled graph can call
+# `F.grouped_mm` natively in bf16 alone; other dtypes go through the opaque custom op below, whose eager kernel is
+# `F.grouped_mm` too (CPU runs it in fp32) or, where no grouped kernel takes the operands, a per-expert `torch.mm`
+# loop (one host read of the offsets). Both treat rows past `offsets_E[-1]` (dropped assignments) as don't-care.
+def _grouped_linear_kernel(a_AI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """out[s:e] = a[s:e] @ w[expert].T for the row ranges given by cumulative `offsets_E`; (A, O), contiguous, rows
+    past `offsets_E[-1]` zero (a custom op's outputs must be a function of its inputs; the kernel leaves them unset)."""
+    if _grouped_mm_usable(a_AI, w_EOI):
+        try:
+            out_AO = F.grouped_mm(a_AI, w_EOI.mT, offs=offsets_E).contiguous()
+            tail_A1 = torch.arange(a_AI.shape[0], device=a_AI.device).unsqueeze(-1) >= offsets_E[-1:]
+            return out_AO.masked_fill_(tail_A1, 0)  # device-side: no host read
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # NOTE: a dtype or layout the device's kernel refuses (e.g. fp32 on some GPUs)
+            pass
+    out_AO = a_AI.new_zeros(a_AI.shape[0], w_EOI.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets_E.tolist()):  # the fallback's one host read
+        if end > start:
+            torch.mm(a_AI[start:end], w_EOI[expert].t(), out=out_AO[start:end])
+        start = end
+    return out_AO
+
+
+def _grouped_weight_grad_kernel(grad_AO: torch.Tensor, a_AI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """(E, O, I): grad[s:e].T @ a[s:e] per expert, zeros for experts without rows."""
+    grad_OA = grad_AO.t()
+    if _grouped_mm_usable(grad_OA, a_AI):
+        try:
+            return F.grouped_mm(grad_OA, a_AI, offs=offsets_E).contiguous()
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            pass
+    out_EOI = grad_AO.new_zeros(offsets_E.shape[0], grad_AO.shape[1], a_AI.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(grad_OA[:, start:end], a_AI[start:end], out=out_EOI[expert])
+        start = end
+    return out_EOI
+
+
+def _grouped_linear_backward_kernel(grad_AO, a_AI, w_EOI, offsets_E, need_a: bool, need_w: bool):
+    grad_AO = grad_AO.contiguous()
+    grad_a = _grouped_linear_kernel(grad_AO, w_EOI.mT, offsets_E) if need_a else a_AI.new_empty(0)
+    grad_w = _grouped_weight_grad_kernel(grad_AO, a_AI, offsets_E).to(w_EOI.dtype) if need_w else w_EOI.new_empty(0)
+    return grad_a, grad_w
+
+
+def _grouped_linear_fake(a_AI, w_EOI, offsets_E):
+    return a_AI.new_empty(a_AI.shape[0], w_EOI.shape[1])
+
+
+def _grouped_linear_backward_fake(grad_AO, a_AI, w_EOI, offsets_E, need_a: bool, need_w: bool):
+    grad_a = a_AI.new_empty(a_AI.shape) if need_a else a_AI.new_empty(0)
+    return grad_a, (w_EOI.new_empty(w_EOI.shape) if need_w else w_EOI.new_empty(0))
+
+
+def _grouped_linear_setup_context(ctx, inputs, output):
+    a_AI, w_EOI, offsets_E = inputs
+    ctx.save_for_backward(a_AI, w_EOI, offsets_E)
+
+
+def _grouped_linear_backward(ctx, grad_AO):
+    a_AI, w_EOI, offsets_E = ctx.saved_tensors
+    need_a, need_w = ctx.needs_input_grad[:2]
+    grad_a, grad_w = torch.ops.sparse_moe.grouped_linear_backward(grad_AO, a_AI, w_EOI, offsets_E, need_a, need_w)
+    return (grad_a if need_a else None), (grad_w if need_w else None), None
+
+
+# NOTE: a model saved to the Hub imports its own copy of this file next to the installed package's: the op is
+# defined once per process (the copies are the same code).
+if not hasattr(torch.ops.sparse_moe, "grouped_linear"):
+    torch.library.custom_op(
+        "sparse_moe::grouped_linear",
+        _grouped_linear_kernel,
+        mutates_args=(),
+        schema="(Tensor a, Tensor w, Tensor offsets) -> Tensor",
+    )
+    torch.library.register_fake("sparse_moe::grouped_linear", _grouped_linear_fake)
+    torch.library.register_autograd(
+        "sparse_moe::grouped_linear", _grouped_linear_backward, setup_context=_grouped_linear_setup_context
+    )
+    torch.library.custom_op(
+        "sparse_moe::grouped_linear_backward",
+        _grouped_linear_backward_kernel,
+        mutates_args=(),
+        schema="(Tensor grad, Tensor a, Tensor w, Tensor offsets, bool need_a, bool need_w) -> (Tensor, Tensor)",
+    )
+    torch.library.register_fake("sparse_moe::grouped_linear_backward", _grouped_linear_backward_fake)
+
+
+def _native_grouped_mm(a_AI: torch.Tensor) -> bool:
+    """Whether the static path calls `F.grouped_mm` itself (traceable, differentiable): bf16 on a device with a
+    grouped kernel (CUDA sm80+, CPU on torch >= 2.9). NOTE: no alignment check here: a compiled graph has no
+    data pointers, and neither these devices' kernels on torch >= 2.10 nor our (E, ., .) parameters need one."""
+    if a_AI.dtype != torch.bfloat16 or not hasattr(F, "grouped_mm"):
+        return False
+    if a_AI.device.type == "cuda":
+        return torch.cuda.get_device_capability(a_AI.device) >= (8, 0)
+    return a_AI.device.type == "cpu" and is_torch_greater_or_equal("2.10", accept_dev=True)
+
+
+def _static_grouped_linear(a_AI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    if _native_grouped_mm(a_AI):
+        return F.grouped_mm(a_AI, w_EOI.mT, offs=offsets_E)
+    return torch.ops.sparse_moe.grouped_linear(a_AI, w_EOI, offsets_E)
+
+
+def static_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn) -> torch.Tensor:
+    """The sync-free path: every shape depends on T, K, E, D, F only, and nothing is read back to the host, so it
+    compiles into one graph (`fullgraph=True`), runs under CUDA graphs, and autograd differentiates it as it is.
+
+    All A = T*K assignments are sorted by expert; `offsets_E` (device-side, from `searchsorted`) bound each expert's
+    rows for the grouped GEMMs. Dropped assignments (index E) sort to the tail past `offsets_E[-1]`, which the grouped
+    GEMMs skip, so they cost no GEMM work; their rows are masked with `where` (not a multiply: the kernels leave
+    those rows unwritten, and 0 * NaN is NaN) before the first product, after each product, and their gradients too.
+    The combine puts the weighted rows back in (T, K) order and sums the K slots in fp32, as the eager reference.
+    """
+    num_tokens, top_k = top_k_index_TK.shape
+    num_experts, ffn_dim = down_EDF.shape[0], down_EDF.shape[-1]
+    experts_A = top_k_index_TK.reshape(-1)
+    sorted_experts_A, order_A = torch.sort(experts_A, stable=True)
+    expert_ids_E = torch.arange(num_experts, device=experts_A.device, dtype=sorted_experts_A.dtype)
+    offsets_E = torch.searchsorted(sorted_experts_A, expert_ids_E, right=True).to(torch.int32)  # rows of experts <= e
+    kept_A1 = (sorted_experts_A < num_experts).unsqueeze(-1)
+    x_AD = torch.where(kept_A1, x_TD[order_A // top_k], 0.0)
+    h_AH = torch.where(kept_A1, _static_grouped_linear(x_AD, gate_up_EHD, offsets_E), 0.0)
+    g_AF = _activation(act_fn, h_AH[:, :ffn_dim]) * h_AH[:, ffn_dim:]
+    y_AD = torch.where(kept_A1, _static_grouped_linear(g_AF, down_EDF, offsets_E), 0.0)
+    weighted_AD = y_AD.float() * top_k_weights_TK.reshape(-1)[order_A].float().unsqueeze(-1)
+    inverse_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(order_A.shape[0], device=order_A.device))
+    return weighted_AD[inverse_A].view(num_tokens, top_k, -1).sum(dim=1)  # fixed-order fp32 sum; caller casts
+
+
+def _use_static_path(device: torch.device) -> bool:
+    """Static path under `torch.compile` and on accelerators; the planned path in eager on CPU (see the docstring)."""
+    return torch.compiler.is_compiling() or device.type != "cpu"
+
+
 # ------------------------------------------------------------------------------------------------------- entry point
 def sparse_moe_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -541,8 +684,12 @@ def sparse_moe_experts_forward(
     if x_TD.shape[0] == 0:
         return hidden_states.new_zeros(hidden_states.shape)
 
-    plan = plan_dispatch(top_k_index, self.num_experts)
     # NOTE: entering `torch.autocast(enabled=False)` costs ~7 us, a few percent of a decode step's experts call.
+    if _use_static_path(x_TD.device):
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            out_TD = static_experts_forward(x_TD, top_k_index, top_k_weights, gate_up_EHD, down_EDF, self.act_fn)
+        return out_TD.to(hidden_states.dtype)
+    plan = plan_dispatch(top_k_index, self.num_experts)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, top_k_weights, gate_up_EHD, down_EDF)):
             parts = _UpProjection.apply(x_TD, gate_up_EHD, plan)
@@ -554,4 +701,10 @@ def sparse_moe_experts_forward(
 
 ExpertsInterface.register(SPARSE_MOE_EXPERTS, sparse_moe_experts_forward)
 
-__all__ = ["SPARSE_MOE_EXPERTS", "DispatchPlan", "plan_dispatch", "sparse_moe_experts_forward"]
+__all__ = [
+    "SPARSE_MOE_EXPERTS",
+    "DispatchPlan",
+    "plan_dispatch",
+    "sparse_moe_experts_forward",
+    "static_experts_forward",
+]

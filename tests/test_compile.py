@@ -1,0 +1,251 @@
+"""The compile-friendly expert path and the model under `torch.compile(fullgraph=True)`.
+
+Eager, no compiler (fast): the static, sync-free path (`moe_dispatch.static_experts_forward`) against the eager
+reference loop, forward and backward, with random routing, idle experts, dropped assignments and odd token counts, in
+fp32 and bf16, through `F.grouped_mm` and through the per-expert fallback of the `sparse_moe::grouped_linear` custom
+op, which `torch.library.opcheck` validates (schema, fake tensor, autograd registration).
+
+Compiled (a few tiny variants; each compile takes 10-60 s on 2 CPU cores): the MoE block for every routing feature
+(softmax, sigmoid + groups + correction bias, shared experts, capacity dropping in training, top-1), the whole causal
+LM's training forward + backward, `torch._dynamo.explain` counting one graph, and static-cache generation. Tolerance
+for compiled vs eager in fp32: 1e-4 absolute and relative (inductor fuses and reorders fp32 reductions: on these
+O(1-10) values we saw up to 9e-5 absolute, 2.6e-5 relative); routing is identical in both, so a routing or dispatch
+bug shows up as an O(1) difference.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from transformers import CompileConfig
+
+from modeling_sparse_moe import SparseMoEForCausalLM
+from modeling_sparse_moe import moe_dispatch
+from modeling_sparse_moe.modeling_sparse_moe import SparseMoEBlock
+from modeling_sparse_moe.moe_dispatch import SPARSE_MOE_EXPERTS
+
+from conftest import tiny_config
+from test_dispatch import HIDDEN, NUM_EXPERTS, TOP_K, make_experts, random_routing, run, assert_as_accurate_as
+
+
+COMPILED = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def force_static(monkeypatch, kernel: str = "grouped_mm") -> None:
+    """Run the static path in eager on CPU (what accelerators and compiled graphs run). `kernel="mm_loop"`: the custom
+    op's per-expert fallback (devices or dtypes without a grouped kernel)."""
+    monkeypatch.setattr(moe_dispatch, "_use_static_path", lambda device: True)
+    if kernel == "mm_loop":
+        monkeypatch.setattr(moe_dispatch, "_grouped_mm_usable", lambda a, w: False)
+        monkeypatch.setattr(moe_dispatch, "_native_grouped_mm", lambda a: False)
+
+
+# -------------------------------------------------------------------------------------------- static path, eager
+@pytest.mark.parametrize("num_tokens", [1, 2, 5, 17, 64])
+@pytest.mark.parametrize("drop_fraction", [0.0, 0.35])
+@pytest.mark.parametrize("kernel", ["grouped_mm", "mm_loop"])
+def test_static_path_matches_eager_fp32(num_tokens, drop_fraction, kernel, monkeypatch):
+    experts = make_experts()
+    force_static(monkeypatch, kernel)
+    index_TK, weights_TK = random_routing(num_tokens, idle=(2,), drop_fraction=drop_fraction, seed=num_tokens)
+    x_TD = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(num_tokens))
+    grad_TD = torch.randn_like(x_TD)
+    reference = run(experts, "eager", x_TD, index_TK, weights_TK, grad_TD)
+    ours = run(experts, SPARSE_MOE_EXPERTS, x_TD, index_TK, weights_TK, grad_TD)
+    names = ("output", "grad x", "grad routing weights", "grad gate_up_proj", "grad down_proj")
+    for name, expected, actual in zip(names, reference, ours):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert torch.isfinite(actual).all(), name  # dropped rows never leak uninitialised memory
+    assert ours[3][2].abs().max() == 0 and ours[4][2].abs().max() == 0  # idle expert: zero weight gradients
+
+
+def test_static_path_all_dropped_and_no_grad(monkeypatch):
+    experts = make_experts()
+    force_static(monkeypatch)
+    index_TK, weights_TK = torch.full((5, TOP_K), NUM_EXPERTS), torch.zeros(5, TOP_K)
+    ours = run(experts, SPARSE_MOE_EXPERTS, torch.randn(5, HIDDEN), index_TK, weights_TK, torch.randn(5, HIDDEN))
+    assert all(t.abs().max() == 0 for t in ours)
+    index_TK, weights_TK = random_routing(9, drop_fraction=0.3, seed=4)
+    x_TD = torch.randn(9, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            run(experts, SPARSE_MOE_EXPERTS, x_TD, index_TK, weights_TK)[0],
+            run(experts, "eager", x_TD, index_TK, weights_TK)[0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "mm_loop"])
+def test_static_path_bf16_as_accurate_as_eager(kernel, monkeypatch):
+    experts = make_experts(torch.bfloat16, ffn=16)
+    force_static(monkeypatch, kernel)
+    index_TK, weights_TK = random_routing(33, idle=(0,), drop_fraction=0.2, seed=7)
+    x_TD = torch.randn(33, HIDDEN).to(torch.bfloat16)
+    grad_TD = torch.randn_like(x_TD)
+    eager = run(experts, "eager", x_TD, index_TK, weights_TK, grad_TD)
+    ours = run(experts, SPARSE_MOE_EXPERTS, x_TD, index_TK, weights_TK, grad_TD)
+    exact = run(copy.deepcopy(experts).float(), "eager", x_TD.float(), index_TK, weights_TK, grad_TD.float())
+    for name, o, e, x in zip(("output", "grad x", "grad weights", "grad gate_up", "grad down"), ours, eager, exact):
+        assert o.dtype == e.dtype, name
+        assert_as_accurate_as(o, e, x, name)
+
+
+def test_grouped_linear_custom_op_passes_opcheck():
+    a_AI = torch.randn(10, 8, requires_grad=True)
+    w_EOI = torch.randn(4, 6, 8, requires_grad=True)
+    offsets_E = torch.tensor([3, 3, 7, 7], dtype=torch.int32)  # an idle expert, a zero-row tail (dropped rows)
+    torch.library.opcheck(torch.ops.sparse_moe.grouped_linear.default, (a_AI, w_EOI, offsets_E))
+
+
+def test_cpu_eager_keeps_the_planned_path(monkeypatch):
+    """Eager on CPU runs the planned dispatch (faster there); the static path is for compiled graphs / accelerators."""
+    called = []
+    monkeypatch.setattr(moe_dispatch, "static_experts_forward", lambda *args: called.append(1))
+    experts = make_experts()
+    experts.config._experts_implementation = SPARSE_MOE_EXPERTS
+    index_TK, weights_TK = random_routing(7)
+    experts(torch.randn(7, HIDDEN), index_TK, weights_TK)
+    assert not called and not moe_dispatch._use_static_path(torch.device("cpu"))
+
+
+# -------------------------------------------------------------------------------------------------------- compiled
+BLOCK_VARIANTS = {
+    "softmax": dict(),
+    "sigmoid_groups_bias_shared": dict(
+        router_type="sigmoid", num_experts=8, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        num_shared_experts=1, shared_expert_gate=True,
+    ),
+    "capacity_dropping": dict(capacity_factor=0.5, num_experts=6),
+    "top1": dict(num_experts_per_tok=1, norm_topk_prob=False),
+}
+
+
+def _block(**overrides):
+    config = tiny_config(**overrides)
+    config._experts_implementation = SPARSE_MOE_EXPERTS
+    block = SparseMoEBlock(config)
+    for param in block.parameters():
+        nn.init.normal_(param, std=0.3)
+    if block.gate.n_group > 1:
+        block.gate.e_score_correction_bias.normal_(std=0.1)
+    return block
+
+
+def _block_results(block, x, compile_: bool):
+    block.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    forward = torch.compile(block, fullgraph=True) if compile_ else block
+    out = forward(x)
+    out.square().sum().backward()
+    grads = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in block.parameters()]
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
+def test_block_fullgraph_forward_backward_equals_eager(variant):
+    block = _block(**BLOCK_VARIANTS[variant]).train()
+    x = torch.randn(2, 9, block.config.hidden_size)
+    eager_out, eager_grads = _block_results(block, x, compile_=False)
+    compiled_out, compiled_grads = _block_results(block, x, compile_=True)
+    torch.testing.assert_close(compiled_out, eager_out, **COMPILED)
+    for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad, **COMPILED)
+    if variant == "capacity_dropping":  # something was actually dropped, in both
+        assert bool(block.gate.over_capacity(block.gate(x.reshape(-1, x.shape[-1]))[2]).any())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
+def test_block_fullgraph_inference_equals_eager(variant):
+    block = _block(**BLOCK_VARIANTS[variant]).eval()
+    x = torch.randn(3, 5, block.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), **COMPILED)
+
+
+def _train_model(**overrides):
+    config = tiny_config(num_hidden_layers=1, **overrides)
+    model = SparseMoEForCausalLM._from_config(config, experts_implementation=SPARSE_MOE_EXPERTS)
+    return model.train()
+
+
+def test_causal_lm_fullgraph_train_step_equals_eager():
+    """Labels, aux loss, z-loss, capacity dropping, sigmoid routing with groups and a shared expert: the training
+    forward + backward compiles into one graph and gives eager's loss, logits and every gradient."""
+    model = _train_model(
+        router_type="sigmoid", num_experts=8, n_group=2, topk_group=1, num_shared_experts=1, capacity_factor=0.75,
+        router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+    )
+    ids = torch.randint(3, model.config.vocab_size, (2, 11))
+    results = {}
+    for name, forward in (("eager", model), ("compiled", torch.compile(model, fullgraph=True))):
+        model.zero_grad(set_to_none=True)
+        out = forward(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (out.loss.detach(), out.logits.detach(), out.aux_loss.detach(), grads)
+    (loss_e, logits_e, aux_e, grads_e), (loss_c, logits_c, aux_c, grads_c) = results["eager"], results["compiled"]
+    torch.testing.assert_close(loss_c, loss_e, **COMPILED)
+    torch.testing.assert_close(aux_c, aux_e, **COMPILED)
+    torch.testing.assert_close(logits_c, logits_e, **COMPILED)
+    assert grads_c.keys() == grads_e.keys() and any("experts.down_proj" in n for n in grads_e)
+    for n in grads_e:
+        torch.testing.assert_close(grads_c[n], grads_e[n], **COMPILED, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dynamo_explain_one_graph(mode):
+    """Regression guard: the whole forward (with labels and router losses in training) is one graph, no breaks."""
+    model = _train_model(capacity_factor=1.0, router_z_loss_coef=0.001)
+    model.train(mode == "train")
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    kwargs = dict(input_ids=ids, labels=ids) if mode == "train" else dict(input_ids=ids)
+    explanation = torch._dynamo.explain(model)(**kwargs)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    assert SparseMoEForCausalLM._can_compile_fullgraph
+
+
+def _padded_batch(vocab_size):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, vocab_size, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding
+    return ids, mask
+
+
+def test_static_cache_generate_equals_dynamic_with_padding():
+    torch.manual_seed(3)
+    model = SparseMoEForCausalLM(tiny_config(router_type="sigmoid", num_shared_experts=1)).eval()
+    ids, mask = _padded_batch(model.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.slow
+def test_static_cache_generate_auto_compiles_fullgraph_and_equals_dynamic():
+    """What `generate(cache_implementation="static")` does on CUDA (auto-compile of the decode forward), forced on CPU
+    with `CompileConfig._compile_all_devices`: one fullgraph-compiled decode step, the same tokens as eager."""
+    torch.manual_seed(4)
+    model = SparseMoEForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    ids, mask = _padded_batch(model.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step did compile
+    assert torch.equal(compiled, dynamic)
