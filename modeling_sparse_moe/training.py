@@ -1,4 +1,5 @@
-"""Training helpers that keep a run's work safe.
+"""Trainer callbacks for MoE training (router bias updates, router telemetry, training time) and helpers that keep a
+run's work safe.
 
 What transformers 5.24 guarantees, and what it does not (read from `Trainer._save_checkpoint` and
 `PreTrainedModel.save_pretrained`):
@@ -21,10 +22,13 @@ import shutil
 import uuid
 from pathlib import Path
 
+import time
+
+import torch
 from safetensors import safe_open
 from transformers import TrainerCallback
 
-from .modeling_sparse_moe import update_router_biases
+from .modeling_sparse_moe import SparseMoERouter, router_probabilities, update_router_biases
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -42,6 +46,284 @@ class RouterBiasUpdateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             update_router_biases(model)
+
+
+# --------------------------------------------------------------------------------------------------- router telemetry
+TELEMETRY_FILE = "router_telemetry.json"
+
+
+def _in_backward() -> bool:
+    """Whether this code runs inside autograd's backward pass: true for the recomputation forward of gradient
+    checkpointing (reentrant or not), false for every ordinary forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _LayerStats:
+    """Running sums for one router since the last reset, kept on the router's device (no host sync per step)."""
+
+    def __init__(self, num_experts: int, device: torch.device):
+        self.counts_E = torch.zeros(num_experts, dtype=torch.int64, device=device)  # top-k assignments per expert
+        self.prob_sum_E = torch.zeros(num_experts, dtype=torch.float32, device=device)  # sum of router probabilities
+        self.entropy_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.z_sum = torch.zeros((), dtype=torch.float32, device=device)  # sum of logsumexp(logits)^2
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.dropped = torch.zeros((), dtype=torch.int64, device=device)
+
+
+class RouterTelemetry:
+    """Accumulates what every router of `model` did in training forwards, through one forward hook per router (plus a
+    pre-hook on `model` that remembers `attention_mask`, so padding is not counted).
+
+    Per MoE layer: assignments per expert (integer `bincount` of the chosen top-k, before capacity dropping),
+    dropped assignments, the sum of router-distribution entropies, of router probabilities and of logsumexp(logits)^2.
+    From these `summary()` derives load fractions, imbalance, entropy, dropped fraction and the Switch aux loss and
+    ST-MoE z-loss of the window, exactly as if the window had been one batch: a step's micro-batches under gradient
+    accumulation sum to the same integers as the whole batch in one forward.
+
+    Cost: no extra forward; per router and micro-batch one softmax, one `special.entr`, one logsumexp over the
+    (T, E) logits and one bincount of the (T, K) choices, all on the device (see docs/training.md for the measured
+    overhead). The recomputation forward of gradient checkpointing runs inside backward and is skipped, so each
+    micro-batch counts once. Eval-mode forwards (evaluation, generation) are not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers: dict[int, SparseMoERouter] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SparseMoERouter):
+                self.routers[_layer_index(name, len(self.routers))] = module
+        self.stats: dict[int, _LayerStats] = {}
+        self._mask = None
+        self._handles = []
+        if not self.routers:
+            return
+        self._handles.append(model.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._forget_mask))
+        for layer, router in self.routers.items():
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+        self.reset()
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.routers)
+
+    def reset(self) -> None:
+        for layer, router in self.routers.items():
+            self.stats[layer] = _LayerStats(router.num_experts, router.weight.device)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _remember_mask(self, module, args, kwargs):
+        self._mask = kwargs.get("attention_mask")
+
+    def _forget_mask(self, module, args, output):
+        self._mask = None
+
+    def _hook(self, layer: int):
+        def hook(router, args, output):
+            if not router.training or _in_backward():
+                return
+            with torch.no_grad():
+                self._accumulate(layer, router, *output)
+
+        return hook
+
+    def _accumulate(self, layer, router, logits_TE, weights_TK, index_TK, dropped_TK) -> None:
+        stats = self.stats[layer]
+        if stats.counts_E.device != logits_TE.device:  # the model moved after the hooks were attached
+            self.stats[layer] = stats = _LayerStats(router.num_experts, logits_TE.device)
+        num_tokens = logits_TE.shape[0]
+        mask = self._mask
+        keep_T = None
+        if mask is not None and mask.dim() == 2 and mask.numel() == num_tokens and not bool(mask.all()):
+            keep_T = mask.reshape(-1).to(logits_TE.device).bool()
+            logits_TE, index_TK = logits_TE[keep_T], index_TK[keep_T]
+            dropped_TK = dropped_TK[keep_T] if dropped_TK is not None else None
+        probs_TE = router_probabilities(logits_TE, router.router_type)
+        stats.counts_E += torch.bincount(index_TK.reshape(-1), minlength=router.num_experts)
+        stats.prob_sum_E += probs_TE.sum(dim=0)
+        stats.entropy_sum += torch.special.entr(probs_TE).sum()
+        stats.z_sum += torch.logsumexp(logits_TE.float(), dim=-1).pow(2).sum()
+        stats.tokens += logits_TE.shape[0]
+        if dropped_TK is not None:
+            stats.dropped += dropped_TK.sum()
+
+    def loads(self) -> dict[int, list[int]]:
+        """Integer assignments per expert, per MoE layer, since the last reset."""
+        return {layer: stats.counts_E.tolist() for layer, stats in self.stats.items()}
+
+    def summary(self, per_expert: bool = True, prefix: str = "router/") -> dict[str, float]:
+        """Metrics of the window since the last reset, as flat `{name: float}` (empty when nothing was counted):
+        per layer `layer_{i}/load_e{j}` (fraction of assignments, sums to 1), `load_imbalance` (max / mean load),
+        `load_cv` (std / mean), `entropy` (mean router entropy, nats, <= log E), `dropped_fraction`, `aux_loss`,
+        `z_loss`; the same names without `layer_{i}/` average them over layers, except `aux_loss`, pooled over layers as
+        the model's loss pools it (equal to the model's `aux_loss` when the window is one batch)."""
+        per_layer: dict[int, dict[str, float]] = {}
+        fractions: dict[int, list[float]] = {}
+        for layer, stats in self.stats.items():
+            tokens = int(stats.tokens)
+            if tokens == 0:
+                continue
+            counts_E = stats.counts_E.double().cpu()
+            num_experts = counts_E.numel()
+            fraction_E = counts_E / counts_E.sum()
+            mean = fraction_E.mean()
+            prob_E = stats.prob_sum_E.double().cpu() / tokens
+            per_layer[layer] = {
+                "load_imbalance": float(fraction_E.max() / mean),
+                "load_cv": float(fraction_E.std(unbiased=False) / mean),
+                "entropy": float(stats.entropy_sum) / tokens,
+                "dropped_fraction": float(stats.dropped) / float(counts_E.sum()),
+                "aux_loss": float(num_experts * torch.sum(counts_E / tokens * prob_E)),
+                "z_loss": float(stats.z_sum) / tokens,
+            }
+            fractions[layer] = fraction_E.tolist()
+        if not per_layer:
+            return {}
+        metrics: dict[str, float] = {}
+        for name in next(iter(per_layer.values())):
+            metrics[prefix + name] = sum(values[name] for values in per_layer.values()) / len(per_layer)
+        # NOTE: the model pools the aux loss over layers (assignments and probabilities summed, then multiplied),
+        # which is not the mean of the per-layer products; report the pooled value, as the loss sees it.
+        counted = [self.stats[layer] for layer in per_layer]
+        tokens = sum(int(stats.tokens) for stats in counted)
+        counts_E = sum(stats.counts_E.double().cpu() for stats in counted)
+        prob_E = sum(stats.prob_sum_E.double().cpu() for stats in counted)
+        metrics[prefix + "aux_loss"] = float(counts_E.numel() * torch.sum(counts_E / tokens * prob_E / tokens))
+        for layer, values in per_layer.items():
+            for name, value in values.items():
+                metrics[f"{prefix}layer_{layer}/{name}"] = value
+            if per_expert:
+                for expert, fraction in enumerate(fractions[layer]):
+                    metrics[f"{prefix}layer_{layer}/load_e{expert}"] = fraction
+        return metrics
+
+
+def _layer_index(module_name: str, fallback: int) -> int:
+    match = re.search(r"layers\.(\d+)\.", module_name)
+    return int(match.group(1)) if match else fallback
+
+
+class RouterTelemetryCallback(TrainerCallback):
+    """Router telemetry in `Trainer`'s logs: at every `logging_steps` the metrics of `RouterTelemetry.summary()` over
+    the steps since the previous log are merged into that log entry (`trainer.state.log_history`, the console and, when
+    attached with `add_router_telemetry(trainer)`, every `report_to` sink), and the per-expert loads of every log are
+    written to `output_dir/router_telemetry.json` for `plotting.plot_load_heatmap`.
+
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        add_router_telemetry(trainer)   # or callbacks=[RouterTelemetryCallback()]: every sink but `report_to` ones
+
+    NOTE: `Trainer` hands the same `logs` dict to its callbacks in order, and the `report_to` integrations come first
+    in that order; `add_router_telemetry` puts this callback before them so they see the router metrics too.
+    """
+
+    def __init__(self, per_expert: bool = True, json_file: str | None = TELEMETRY_FILE):
+        self.per_expert = per_expert
+        self.json_file = json_file
+        self.telemetry: RouterTelemetry | None = None
+        self.history: list[dict] = []
+        self._layers: list[int] = []
+        self._started = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.telemetry is None:
+            self.telemetry = RouterTelemetry(model)
+            self._layers = self.telemetry.layers
+        self._started = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self._started:
+            self._started = True
+            # NOTE: on resume, `Trainer` restores `state.global_step` after `on_train_begin`; keep the logged history
+            # of the steps that this run does not repeat.
+            self.history = [row for row in self._read_history(args) if row["step"] <= state.global_step]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.telemetry is None or logs is None or "loss" not in logs:
+            return
+        metrics = self.telemetry.summary(per_expert=self.per_expert)
+        loads = self.telemetry.loads()
+        self.telemetry.reset()
+        if not metrics:
+            return
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        self.history.append(
+            {
+                "step": state.global_step,
+                "load": [_fractions(loads[layer]) for layer in self._layers],
+                "counts": [loads[layer] for layer in self._layers],
+                "load_imbalance": metrics["router/load_imbalance"],
+                "entropy": metrics["router/entropy"],
+            }
+        )
+        self._write(args)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args)
+        if self.telemetry is not None:
+            self.telemetry.remove()
+            self.telemetry = None
+
+    def _path(self, args) -> Path | None:
+        if self.json_file is None or not getattr(args, "output_dir", None):
+            return None
+        return Path(args.output_dir) / self.json_file
+
+    def _read_history(self, args) -> list[dict]:
+        path = self._path(args)
+        if path is None or not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text())["history"])
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def _write(self, args) -> None:
+        path = self._path(args)
+        if path is None or not getattr(args, "should_save", True) or not self._layers:
+            return
+        num_experts = len(self.history[0]["load"][0]) if self.history else None
+        payload = {"layers": self._layers, "num_experts": num_experts, "history": self.history}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path)
+
+
+def _fractions(counts: list[int]) -> list[float]:
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+def add_router_telemetry(trainer, **kwargs) -> RouterTelemetryCallback:
+    """Attach a `RouterTelemetryCallback(**kwargs)` to `trainer` ahead of every other callback, so that the
+    `report_to` sinks (TensorBoard, W&B, ...) receive the router metrics too. Returns the callback."""
+    callback = RouterTelemetryCallback(**kwargs)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+class TrainingTimeCallback(TrainerCallback):
+    """Wall-clock seconds spent in training steps (forward, backward, optimizer; evaluation and checkpointing
+    excluded), cumulative per step: `seconds[step]`. Used by the MoE-vs-dense study to compare time to a target."""
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+        self._total = 0.0
+        self._begin = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._begin = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._begin is not None:
+            self._total += time.perf_counter() - self._begin
+            self._begin = None
+        self.seconds[state.global_step] = self._total
 
 
 def atomic_save_pretrained(model, path: str | os.PathLike, **kwargs) -> str:
@@ -139,4 +421,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-__all__ = ["atomic_save_pretrained", "is_complete_checkpoint", "last_complete_checkpoint"]
+__all__ = [
+    "RouterBiasUpdateCallback",
+    "RouterTelemetry",
+    "RouterTelemetryCallback",
+    "TrainingTimeCallback",
+    "add_router_telemetry",
+    "atomic_save_pretrained",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
+]

@@ -1,0 +1,185 @@
+"""Router telemetry in Trainer's logs: keys and sane values, exactness under gradient accumulation and gradient
+checkpointing, agreement with the model's own aux/z losses, and aux-loss-free balancing on a skewed router."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+
+import modeling_sparse_moe  # noqa: F401
+from modeling_sparse_moe.training import (
+    TELEMETRY_FILE,
+    RouterBiasUpdateCallback,
+    RouterTelemetry,
+    RouterTelemetryCallback,
+    add_router_telemetry,
+)
+
+NUM_ROWS, SEQ = 8, 16
+
+
+def _config(**overrides):
+    config = AutoConfig.from_pretrained("configs/tiny")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _data(seed=0, vocab=512):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (NUM_ROWS, SEQ), generator=generator)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def _train(tmp_path, name, *, config=None, steps=1, batch=NUM_ROWS, accumulation=1, lr=1e-3, callbacks=(),
+           telemetry=True, **args):
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(config or _config())
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, learning_rate=lr, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **args,
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=_data(), callbacks=list(callbacks))
+    if telemetry:
+        add_router_telemetry(trainer)
+    trainer.train()
+    return trainer
+
+
+def _telemetry_file(trainer):
+    return json.loads((Path(trainer.args.output_dir) / TELEMETRY_FILE).read_text())
+
+
+def test_telemetry_keys_and_values_in_log_history(tmp_path):
+    config = _config()
+    trainer = _train(tmp_path, "keys", config=config, steps=3)
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == 3
+    experts = config.num_experts
+    for row in logs:
+        for layer in (0, 1):
+            fractions = [row[f"router/layer_{layer}/load_e{e}"] for e in range(experts)]
+            assert sum(fractions) == pytest.approx(1.0, abs=1e-9)
+            assert all(0.0 <= f <= 1.0 for f in fractions)
+            assert row[f"router/layer_{layer}/load_imbalance"] == pytest.approx(max(fractions) * experts)
+            assert 0.0 < row[f"router/layer_{layer}/entropy"] <= math.log(experts) + 1e-6
+            assert row[f"router/layer_{layer}/dropped_fraction"] == 0.0
+        assert row["router/load_imbalance"] >= 1.0
+        assert row["router/load_cv"] >= 0.0
+        assert row["router/z_loss"] > 0.0
+        assert row["router/entropy"] == pytest.approx(
+            (row["router/layer_0/entropy"] + row["router/layer_1/entropy"]) / 2)
+    data = _telemetry_file(trainer)
+    assert data["layers"] == [0, 1] and data["num_experts"] == experts
+    assert [row["step"] for row in data["history"]] == [1, 2, 3]
+    # every token of the step counted once, K assignments each
+    assert all(sum(layer) == NUM_ROWS * SEQ * config.num_experts_per_tok for row in data["history"]
+               for layer in row["counts"])
+
+
+def test_telemetry_matches_the_models_aux_and_z_loss(tmp_path):
+    """The window of step 1 is the whole (initial-weights) batch: its pooled aux and z losses are the model's."""
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(_config())
+    ids = torch.tensor(_data()["input_ids"])
+    with torch.no_grad():
+        out = model.train()(input_ids=ids, labels=ids)
+    trainer = _train(tmp_path, "aux", steps=1)
+    row = next(row for row in trainer.state.log_history if "loss" in row)
+    assert row["router/aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-5)
+    assert row["router/z_loss"] == pytest.approx(out.z_loss.item(), rel=1e-5)
+
+
+def _window(trainer):
+    row = next(row for row in trainer.state.log_history if "loss" in row)
+    return {k: v for k, v in row.items() if k.startswith("router/")}, _telemetry_file(trainer)["history"][0]["counts"]
+
+
+def test_gradient_accumulation_counts_like_one_batch(tmp_path):
+    one, counts_one = _window(_train(tmp_path, "ga1", batch=NUM_ROWS, accumulation=1))
+    two, counts_two = _window(_train(tmp_path, "ga2", batch=NUM_ROWS // 2, accumulation=2))
+    assert counts_one == counts_two  # integer loads: exactly the same
+    assert one.keys() == two.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_does_not_count_the_recomputation(tmp_path, reentrant):
+    plain, counts_plain = _window(_train(tmp_path, "plain", steps=1))
+    ckpt, counts_ckpt = _window(
+        _train(tmp_path, f"ckpt{reentrant}", steps=1, gradient_checkpointing=True,
+               gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    )
+    assert counts_ckpt == counts_plain
+    assert sum(counts_ckpt[0]) == NUM_ROWS * SEQ * 2  # not 2x: the recomputation forward is skipped
+    for key in plain:
+        assert ckpt[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+
+
+def test_padding_is_not_counted():
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(_config()).train()
+    telemetry = RouterTelemetry(model)
+    ids = torch.randint(4, 512, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert [sum(c) for c in telemetry.loads().values()] == [13 * 2, 13 * 2]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # eval-mode forwards are not training telemetry
+    assert [sum(c) for c in telemetry.loads().values()] == [13 * 2, 13 * 2]
+    telemetry.remove()
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert [sum(c) for c in telemetry.loads().values()] == [13 * 2, 13 * 2]
+
+
+def test_callback_passed_to_trainer_reaches_log_history(tmp_path):
+    trainer = _train(tmp_path, "plaincb", telemetry=False, callbacks=[RouterTelemetryCallback(per_expert=False)])
+    row = next(row for row in trainer.state.log_history if "loss" in row)
+    assert "router/load_imbalance" in row and "router/layer_1/entropy" in row
+    assert not any("load_e" in key for key in row)
+
+
+def _skewed_config(rate):
+    # softmax scores lie in [0, 1]: a +0.6 correction bias on expert 0 puts it in (nearly) every token's top-2
+    return _config(router_bias_update_rate=rate, router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+
+
+def _skew(trainer_model):
+    for module in trainer_model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.copy_(torch.tensor([0.6, 0.0, 0.0, 0.0]))
+
+
+def _train_skewed(tmp_path, name, rate, callbacks):
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(_skewed_config(rate))
+    with torch.no_grad():
+        _skew(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=30, per_device_train_batch_size=NUM_ROWS, learning_rate=1e-3,
+        logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=callbacks)
+    add_router_telemetry(trainer)
+    trainer.train()
+    return [row["router/load_imbalance"] for row in trainer.state.log_history if "loss" in row]
+
+
+def test_bias_updates_move_a_skewed_router_toward_uniform(tmp_path):
+    balanced = _train_skewed(tmp_path, "bias", 0.02, [RouterBiasUpdateCallback()])
+    control = _train_skewed(tmp_path, "nobias", 0.0, [RouterBiasUpdateCallback()])
+    assert balanced[0] > 1.9 and control[0] > 1.9  # expert 0 takes ~half of all assignments (uniform: a quarter)
+    assert control[-1] > 1.9  # nothing corrects it without bias updates
+    assert balanced[-1] < 1.35
+    assert balanced[-1] < balanced[0] - 0.5
