@@ -824,21 +824,26 @@ def _write_plan(
     max_shard_size: int | str,
     disk_items: Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]] | None = None,
 ) -> None:
-    writer = _ShardWriter(folder, convert_file_size_to_int(max_shard_size))
-    for key, recipe in plan.items():
+    # A progress bar over the tensors (transformers' tqdm: `disable_progress_bar()` / HF_HUB_DISABLE_PROGRESS_BARS
+    # silence it), with the shard being filled and the bytes written so far; a line as each shard is written.
+    bar = logging.tqdm(plan.items(), total=len(plan), desc="converting", unit="tensor")
+    writer = _ShardWriter(folder, convert_file_size_to_int(max_shard_size), on_shard=bar.write)
+    for key, recipe in bar:
         tensor = recipe(source)
         for disk_key, disk_tensor in disk_items(key, tensor) if disk_items else ((key, tensor),):
             writer.add(disk_key, disk_tensor)
         del tensor
+        bar.set_postfix(shard=len(writer._shards) + 1, written=f"{writer._total_bytes / 2**30:.2f} GiB", refresh=False)
     writer.finish()
+    bar.close()
 
 
 class _ShardWriter:
     """Sharded safetensors output in transformers' layout (`model.safetensors`, or numbered shards plus
     `model.safetensors.index.json`). Holds at most one shard's tensors."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int):
-        self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
+    def __init__(self, folder: Path, max_shard_bytes: int, on_shard: Callable[[str], None] | None = None):
+        self.folder, self.max_shard_bytes, self.on_shard = Path(folder), max_shard_bytes, on_shard
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
@@ -860,6 +865,9 @@ class _ShardWriter:
         path = self.folder / f"shard-{len(self._shards):05d}.partial"
         save_file(self._pending, path, metadata={"format": "pt"})
         self._shards.append((path, list(self._pending)))
+        if self.on_shard is not None:
+            self.on_shard(f"shard {len(self._shards)}: {len(self._pending)} tensors, "
+                          f"{self._pending_bytes / 2**30:.2f} GiB written ({self._total_bytes / 2**30:.2f} GiB so far)")
         self._pending, self._pending_bytes = {}, 0
 
     def finish(self) -> None:

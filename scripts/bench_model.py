@@ -37,7 +37,8 @@ MODEL = dict(
     vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
     moe_intermediate_size=1408, num_experts=8, num_experts_per_tok=2, max_position_embeddings=2048,
 )
-QUICK_MODEL = {**MODEL, "num_hidden_layers": 2}
+# Smoke size: same structure, a quarter of the width (a smoke run checks that everything runs, not the figures).
+QUICK_MODEL = {**MODEL, "num_hidden_layers": 2, "hidden_size": 256, "moe_intermediate_size": 512, "vocab_size": 2048}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -321,7 +322,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     parser.add_argument("--json", default="bench_results/bench_model.json")
-    parser.add_argument("--quick", action="store_true", help="2 layers, small batches, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers of width 256, small batches, 2 repeats")
     parser.add_argument("--rss-worker", choices=["ours", "mixtral"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:

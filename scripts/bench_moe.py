@@ -14,6 +14,7 @@ Peak memory is the allocator's high-water mark above the starting point during o
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -120,11 +121,13 @@ def time_interleaved(steps: dict, device: str, repeats: int, min_sample_s: float
     for name, step in steps.items():
         for _ in range(warmup):
             step()
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        calls[name] = max(1, math.ceil(min_sample_s / max(time.perf_counter() - start, 1e-6)))
+        calls[name] = 1
+        if min_sample_s > 0:  # one timed call tells how many calls make a sample last min_sample_s
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            calls[name] = max(1, math.ceil(min_sample_s / max(time.perf_counter() - start, 1e-6)))
     samples = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
@@ -135,6 +138,21 @@ def time_interleaved(steps: dict, device: str, repeats: int, min_sample_s: float
             synchronize(device)
             samples[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The CPU profiler's C++ side writes `USDT ... profiler_start/stop` lines (and an allocator warning) straight to
+    file descriptor 2 on every use, whatever KINETO_LOG_LEVEL says; they would interleave with the tables."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory_bytes(step, device: str, release=None) -> int:
@@ -151,7 +169,7 @@ def peak_memory_bytes(step, device: str, release=None) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(
         (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
@@ -200,7 +218,7 @@ def run(args) -> list[dict]:
             x = torch.randn(1, num_tokens, shape["hidden_size"], device=device, dtype=dtype)
             for mode in args.modes:
                 steps = {name: make_step(block, x, mode) for name, block in blocks.items()}
-                seconds = time_interleaved(steps, device, args.repeats, args.min_sample_s)
+                seconds = time_interleaved(steps, device, args.repeats, args.min_sample_s, args.warmup)
                 peaks = {}
                 if mode == "train" and not args.no_memory:
                     peaks = {
@@ -285,13 +303,15 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved samples per block; the median is kept")
     parser.add_argument("--min-sample-s", type=float, default=0.1, help="each sample runs at least this long")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each block before its samples")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench_results/bench_moe.json")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tokens 1 and 64, 3 repeats, short samples")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tokens 1 and 16, 2 single-call samples, no memory pass (well under a minute)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.repeats, args.min_sample_s = [1, 64], 3, 0.01
+        args.tokens, args.repeats, args.min_sample_s, args.warmup, args.no_memory = [1, 16], 2, 0.0, 1, True
     return args
 
 

@@ -34,3 +34,46 @@ def tiny_config(**overrides) -> SparseMoEConfig:
 @pytest.fixture
 def config():
     return tiny_config()
+
+
+def misalign_(model: torch.nn.Module, offset_bytes: int = 8, nudge: bool = False) -> torch.nn.Module:
+    """Re-allocate every floating-point parameter and buffer of `model` so that its data starts `offset_bytes` past
+    a 64-byte boundary, in place, values unchanged.
+
+    NOTE: `from_pretrained` leaves weights in the memory-mapped safetensors file at whatever offset the header gives
+    (seen: 8, 40, 56 mod 64), and some CPUs' BLAS (AMD EPYC, seen) then pick other kernels than for the 64-byte
+    aligned tensors torch allocates: identical weights, outputs that differ in the last fp32 bits. Comparisons of a
+    reloaded or converted model run on such a copy, so that CI's machine sees what those CPUs see. With `nudge`, every
+    value also moves by one ulp (towards +inf): that changes outputs on every CPU by about what another BLAS kernel
+    does, so a comparison that demands bitwise equality fails here too instead of only on users' machines."""
+    seen: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                if id(tensor) in seen:  # tied weights stay tied
+                    moved = seen[id(tensor)]
+                else:
+                    size = tensor.element_size()
+                    assert offset_bytes % size == 0, "offset must be a whole number of elements"
+                    raw = torch.empty(tensor.numel() + 128 // size, dtype=tensor.dtype, device=tensor.device)
+                    start = ((offset_bytes - raw.data_ptr() % 64) % 64) // size
+                    moved = raw[start : start + tensor.numel()].view(tensor.shape).copy_(tensor.detach())
+                    if nudge:
+                        moved.copy_(torch.nextafter(moved, torch.full_like(moved, float("inf"))))
+                    assert moved.data_ptr() % 64 == offset_bytes
+                    seen[id(tensor)] = moved
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensor.data = moved
+                else:
+                    store[name] = moved
+    return model
+
+
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Outputs of two copies of the same weights (a reload, a conversion, another implementation of the same
+    numerics). NOTE: bitwise equality is not guaranteed across CPUs: BLAS kernels chosen by CPU model and memory
+    alignment sum in different orders, which moves fp32 results by a few ulps per layer. torch's fp32 defaults
+    (rtol 1.3e-6, atol 1e-5) cover that for the tiny models here; a wrong weight or mapping is off by far more."""
+    torch.testing.assert_close(actual, expected, rtol=1.3e-6, atol=1e-5)

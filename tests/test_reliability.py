@@ -33,7 +33,7 @@ from modeling_sparse_moe import (
 )
 from modeling_sparse_moe.modeling_sparse_moe import SparseMoEBlock, SparseMoERouter
 
-from conftest import tiny_config
+from conftest import assert_fp32_close, misalign_, tiny_config
 
 PACKAGE = pathlib.Path(modeling_sparse_moe.__file__).resolve().parent
 HYPOTHESIS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -452,7 +452,7 @@ def test_config_from_a_newer_version_with_unknown_fields_loads(saved_model, tmp_
     reference = AutoModelForCausalLM.from_pretrained(saved_model).eval()
     ids = _ids()
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, reference(ids).logits)
+        assert_fp32_close(misalign_(model, nudge=True)(ids).logits, reference(ids).logits)
     assert _hashes(folder) == before
 
 

@@ -46,7 +46,9 @@ def test_bench_model_same_logits_and_breakdown(tmp_path):
     out = tmp_path / "model.json"
     run_script("bench_model.py", "--quick", "--no-rss", "--json", str(out), cwd=tmp_path)
     report = json.loads(out.read_text())
-    assert report["max_logit_diff"] == 0.0  # same weights, same numerics as Mixtral
+    # Same weights and numerics as Mixtral, in separately allocated tensors: equal up to fp32 rounding (BLAS kernels
+    # differ by CPU and alignment; 1e-6 was seen on an AMD EPYC), far below what a wrong weight would give.
+    assert report["max_logit_diff"] <= 1e-5
     results = report["results"]
     for model in ("ours", "mixtral"):
         for measure in ("train_step", "prefill", "decode"):
