@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # NOTE: headless by default: scripts and tests run withou
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.colors import ListedColormap, to_rgb  # noqa: E402
+from matplotlib.colors import to_rgb  # noqa: E402
 
 from .modeling_sparse_moe import SparseMoERouter  # noqa: E402
 

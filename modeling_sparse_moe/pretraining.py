@@ -45,13 +45,13 @@ from transformers import (
 )
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from .configs import resolve_config_name
 from .configuration_sparse_moe import SparseMoEConfig
 from .data import load_bible_corpus, train_tokenizer
 from .training import RouterBiasUpdateCallback, TELEMETRY_FILE, add_router_telemetry, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "demo"
 BIBLE = "world-english-bible"
 # NOTE: the train/validation split of a corpus without a validation split is fixed (it does not follow `--seed`), so
@@ -115,13 +115,6 @@ class DataTrainingArguments:
 
 
 # ------------------------------------------------------------------------------------------------------------ config
-def resolve_config_name(name: str) -> str:
-    """`configs/<name>` of this repository when it exists, else `name` itself (a path or a Hub id)."""
-    if (CONFIGS_DIR / name / "config.json").is_file():
-        return str(CONFIGS_DIR / name)
-    return name
-
-
 def parse_config_overrides(overrides: str) -> dict[str, object]:
     """'a=1,b=0.5,c=true,d=none,e=softmax' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'softmax'} (JSON values;
     anything else is a string). Lists are JSON too: 'mlp_only_layers=[0,1]' (commas inside brackets are kept)."""
