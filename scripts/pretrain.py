@@ -5,7 +5,7 @@
     python scripts/pretrain.py --config_name demo --output_dir out/pretrain --do_train --do_eval \
         --max_steps 600 --per_device_train_batch_size 16 --block_size 128 --learning_rate 1e-3 \
         --warmup_steps 30 --lr_scheduler_type cosine --logging_steps 20 --eval_strategy steps --eval_steps 100 \
-        --config_overrides num_hidden_layers=4,vocab_size=4096 --report_to tensorboard
+        --config_overrides num_hidden_layers=4,vocab_size=4096 --report_to none
     # your text: .txt (one text per line), .json/.jsonl or .csv with a `text` column; or --dataset_name NAME
     python scripts/pretrain.py --config_name tiny --train_file my.txt --output_dir out/tiny --max_steps 50
     # continue: --resume_from_checkpoint out/pretrain/checkpoint-400 (or True: the last complete checkpoint)
