@@ -93,7 +93,10 @@ class SparseMoEConfig(PreTrainedConfig):
     keys_to_ignore_at_inference = ["cache"]
     default_theta = 1_000_000.0
 
-    base_model_tp_plan = {
+    # Tensor parallel: attention split by heads, experts by their hidden width F (`moe_tp_experts` sums the partial
+    # outputs), dense MLPs and the fused shared experts by their hidden width. The router, the shared-expert gate and
+    # the norms stay replicated. `base_model_tp_plan` (below) adds the qk-norm rules, which depend on `qk_norm`.
+    _tp_plan_common = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
@@ -101,9 +104,28 @@ class SparseMoEConfig(PreTrainedConfig):
         "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
+    }
+    _tp_plan_qk_norm = {
+        "none": {},
+        # Qwen3-MoE: the per-head norm sees whole heads on every rank; its weight gradient is summed over ranks.
+        "head": {
+            "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+            "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        },
+        # OLMoE: the norm spans all heads, so q/k/v are gathered to full width before it and o_proj splits its input
+        # (transformers' own OLMoE plan). A head-sharded q would be normalised over a slice: wrong numbers.
+        "full": {
+            "layers.*.self_attn.q_proj": "colwise_gather_output",
+            "layers.*.self_attn.k_proj": "colwise_gather_output",
+            "layers.*.self_attn.v_proj": "colwise_gather_output",
+            "layers.*.self_attn.o_proj": "rowwise_split_input",
+        },
     }
     base_model_ep_plan = {
         "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
@@ -115,6 +137,12 @@ class SparseMoEConfig(PreTrainedConfig):
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
         "norm": (["hidden_states"], ["hidden_states"]),
     }
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """The tensor parallel plan of this config (read by transformers from the instance): the common rules plus
+        those its `qk_norm` needs."""
+        return {**self._tp_plan_common, **self._tp_plan_qk_norm.get(self.qk_norm, {})}
 
     # transformer
     vocab_size: int = 32000
