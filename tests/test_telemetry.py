@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import modeling_sparse_moe  # noqa: F401
 from modeling_sparse_moe.training import (
@@ -55,11 +55,25 @@ def _telemetry_file(trainer):
     return json.loads((Path(trainer.args.output_dir) / TELEMETRY_FILE).read_text())
 
 
+class _Sink(TrainerCallback):
+    """Stands for a `report_to` integration: registered before the telemetry callback, it sees what it is handed."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
 def test_telemetry_keys_and_values_in_log_history(tmp_path):
     config = _config()
-    trainer = _train(tmp_path, "keys", config=config, steps=3)
+    sink = _Sink()
+    trainer = _train(tmp_path, "keys", config=config, steps=3, callbacks=[sink])
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert len(logs) == 3
+    # add_router_telemetry runs ahead of every other callback, so sinks (TensorBoard, W&B, ...) get the metrics too
+    assert [row["router/load_imbalance"] for row in sink.seen if "loss" in row] == [
+        row["router/load_imbalance"] for row in logs]
     experts = config.num_experts
     for row in logs:
         for layer in (0, 1):
