@@ -197,3 +197,19 @@ def test_bias_updates_move_a_skewed_router_toward_uniform(tmp_path):
     assert control[-1] > 1.9  # nothing corrects it without bias updates
     assert balanced[-1] < 1.35
     assert balanced[-1] < balanced[0] - 0.5
+
+
+def test_dropped_fraction_matches_the_model_under_capacity():
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(capacity_factor=0.5)).train()
+    with torch.no_grad():
+        for layer in model.model.layers:  # a router with preferences, so some experts overflow
+            layer.mlp.gate.weight.normal_(0.0, 1.0)
+    telemetry = RouterTelemetry(model)
+    ids = torch.tensor(_data()["input_ids"])
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    summary = telemetry.summary()
+    assert out.dropped_fraction.item() > 0.1
+    assert summary["router/dropped_fraction"] == pytest.approx(out.dropped_fraction.item(), rel=1e-6)
+    assert summary["router/aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-5)
