@@ -194,3 +194,47 @@ def test_router_losses_follow_num_items_in_batch():
     lm = model.loss_function(half.logits, ids, 97, num_items_in_batch=torch.tensor(2 * items))
     torch.testing.assert_close(half.loss, lm + penalty / 2)
     torch.testing.assert_close(plain.loss, model.loss_function(plain.logits, ids, 97) + penalty)
+
+
+@pytest.mark.distributed
+def test_pretraining_recipe_runs_unchanged_under_torchrun(tmp_path):
+    """scripts/pretrain.py as users run it, `torchrun --nproc_per_node 2` x batch 2 against one process x batch 4
+    (sequential sampler, z-loss and bias balancing on): the logged losses, the router biases and the saved weights
+    match, and the multi-process output folder is the usual single-process-loadable one."""
+    import json
+
+    from pydoc_data.topics import topics
+    from safetensors.torch import load_file
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(text.replace("\n", " ") for text in list(topics.values())[:60]))
+    args = [
+        str(Path(__file__).parents[1] / "scripts" / "pretrain.py"), "--config_name", "tiny", "--train_file",
+        str(corpus), "--do_train", "--max_steps", "4", "--block_size", "32", "--report_to", "none", "--use_cpu",
+        "--logging_steps", "1", "--train_sampling_strategy", "sequential", "--seed", "0",
+        "--config_overrides", "router_bias_update_rate=0.01,router_z_loss_coef=0.01",
+    ]
+    launchers = {
+        "single": ([sys.executable], "4"),
+        "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                      "127.0.0.1", "--master_port", str(_free_port())], "2"),
+    }
+    for name, (launcher, batch) in launchers.items():
+        command = launcher + args + ["--output_dir", str(tmp_path / name), "--per_device_train_batch_size", batch]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stderr[-5000:]
+    losses = {
+        name: [row["loss"] for row in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+               if "loss" in row]
+        for name in launchers
+    }
+    assert len(losses["single"]) == 4
+    torch.testing.assert_close(losses["torchrun"], losses["single"], atol=LOSS_ATOL, rtol=0)
+    single, multi = (load_file(tmp_path / name / "model.safetensors") for name in launchers)
+    assert single.keys() == multi.keys()
+    for key, value in single.items():
+        if key.endswith("e_score_correction_bias"):
+            assert torch.equal(multi[key], value) and value.abs().max() > 0, key
+        torch.testing.assert_close(multi[key], value, atol=WEIGHT_ATOL, rtol=0, msg=key)
+    reloaded = SparseMoEForCausalLM.from_pretrained(tmp_path / "torchrun")
+    assert reloaded.config.router_bias_update_rate == 0.01
