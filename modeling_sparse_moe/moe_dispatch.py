@@ -7,7 +7,22 @@ Hub-facing file: it is copied next to `config.json` and must import only torch, 
 Shape legend: T tokens, K experts per token, A = T*K assignments, N assignments actually computed (A minus the
 dropped ones), E experts, D hidden, F expert hidden. `x_TD` is a (T, D) tensor; `w_EFD` an (E, F, D) weight.
 
-How it works:
+Two paths; `_use_static_path` chooses, for these reasons:
+  - Planned (eager on CPU, steps 1-4 below): reads the per-expert counts back to the host once per call and then runs
+    only what exists: no GEMM work or buffer rows for dropped assignments, experts with rows only, the decode plan
+    without a sort, long segments expert by expert. On CPU the "host read" is free (host and device are one), and
+    this path is level with or ahead of transformers' `grouped_mm` there (README, Performance).
+  - Static (`static_experts_forward`: under `torch.compile`, i.e. `torch.compiler.is_compiling()`, and on every
+    accelerator): every shape is a function of T, K, E, D, F and nothing is read back to the host. A host read costs
+    a GPU a pipeline stall per MoE layer per step, rules out CUDA graphs, and under `torch.compile` a data-dependent
+    shape breaks the graph (`fullgraph=True` fails; `generate(cache_implementation="static")` auto-compiles only a
+    model that compiles in one graph). It sorts all T*K assignments, bounds each expert's rows with device-side
+    offsets (`searchsorted`), and runs `F.grouped_mm` (bf16: traced as is, differentiable, CUDA-graph safe) or the
+    `sparse_moe::grouped_linear` custom op (other dtypes: `torch._grouped_mm` has no fake/meta support for them in
+    torch 2.13, so the op is opaque to the compiler, with a registered fake and autograd). Dropped assignments sort
+    past the last offset, so they cost no GEMM work either.
+
+How the planned path works:
   1. Plan (`plan_dispatch`): sort the A assignments by expert once and read the per-expert counts back to the host
      with a single `.tolist()`. Dropped assignments (index >= E, the capacity sentinel) sort to the tail and are never
      computed. When no two assignments share an expert (always the case for one token: decode), the plan keeps the
@@ -614,6 +629,10 @@ if not hasattr(torch.ops.sparse_moe, "grouped_linear"):
     torch.library.register_fake("sparse_moe::grouped_linear_backward", _grouped_linear_backward_fake)
 
 
+# NOTE: read once here: `is_torch_greater_or_equal` is `lru_cache`d, which dynamo would trace through with a warning.
+_CPU_GROUPED_MM_ANY_ALIGNMENT = is_torch_greater_or_equal("2.10", accept_dev=True)
+
+
 def _native_grouped_mm(a_AI: torch.Tensor) -> bool:
     """Whether the static path calls `F.grouped_mm` itself (traceable, differentiable): bf16 on a device with a
     grouped kernel (CUDA sm80+, CPU on torch >= 2.9). NOTE: no alignment check here: a compiled graph has no
@@ -622,7 +641,7 @@ def _native_grouped_mm(a_AI: torch.Tensor) -> bool:
         return False
     if a_AI.device.type == "cuda":
         return torch.cuda.get_device_capability(a_AI.device) >= (8, 0)
-    return a_AI.device.type == "cpu" and is_torch_greater_or_equal("2.10", accept_dev=True)
+    return a_AI.device.type == "cpu" and _CPU_GROUPED_MM_ANY_ALIGNMENT
 
 
 def _static_grouped_linear(a_AI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
