@@ -132,7 +132,7 @@ def main() -> int:
                 except ImportError:
                     results[engine] = {"ok": None, "skipped": "deepspeed is not installed"}
                     continue
-            scenarios = ["ddp", "ddp_noavg", "ddp_accum", "fsdp", "tp", "ep"] if engine == "torchrun" else ["ddp"]
+            scenarios = list(W.SCENARIOS) if engine == "torchrun" else ["ddp"]
             returncode, stderr = launch(engine, workdir, scenarios)
             if returncode != 0:
                 results[engine] = {"ok": False, "error": stderr}

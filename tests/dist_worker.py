@@ -12,6 +12,7 @@ NCCL and one GPU each (scripts/gpu_distributed_check.py), elsewhere gloo on CPU.
     ddp_noavg  the same with average_tokens_across_devices=False
     ddp_accum  the same with 2 micro-batches of 1 row per step (gradient accumulation)
     fsdp       Trainer on a model sharded by DistributedConfig(fsdp_size=2) (transformers' own FSDP2)
+    fsdp_noavg the same with average_tokens_across_devices=False
     tp         from_pretrained(tp_plan="auto") logits for every routing family, eval and train mode
     ep         DistributedConfig(fsdp_size=2, ep_size=2) train-mode forward + backward over all_to_all
 
@@ -160,7 +161,7 @@ def scenario_ddp(workdir: Path, rank: int, average_tokens: bool = True, name: st
     return result
 
 
-def scenario_fsdp(workdir: Path, rank: int) -> dict:
+def scenario_fsdp(workdir: Path, rank: int, average_tokens: bool = True, name: str = "fsdp") -> dict:
     from torch.distributed.fsdp import FSDPModule
     from transformers.distributed import DistributedConfig
 
@@ -168,9 +169,9 @@ def scenario_fsdp(workdir: Path, rank: int) -> dict:
         workdir / "ckpt" / "train", distributed_config=DistributedConfig(fsdp_size=2)
     )
     sharded = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
-    result = run_trainer(model, workdir / "out" / "fsdp-run", per_device_batch=2)
+    result = run_trainer(model, workdir / "out" / f"{name}-run", per_device_batch=2, average_tokens=average_tokens)
     trainer = result.pop("trainer")
-    trainer.model.save_pretrained(workdir / "out" / "fsdp-model")  # every rank: gathers the shards, rank 0 writes
+    trainer.model.save_pretrained(workdir / "out" / f"{name}-model")  # every rank: gathers the shards, rank 0 writes
     result["logits"] = _eval_logits(trainer.model)
     result["fsdp_modules"] = sharded
     result["engine"] = "DistributedConfig(fsdp_size=2)"
@@ -222,6 +223,7 @@ SCENARIOS = {
     "ddp_noavg": lambda workdir, rank: scenario_ddp(workdir, rank, average_tokens=False, name="ddp_noavg"),
     "ddp_accum": lambda workdir, rank: scenario_ddp(workdir, rank, name="ddp_accum", grad_accum=2),
     "fsdp": scenario_fsdp,
+    "fsdp_noavg": lambda workdir, rank: scenario_fsdp(workdir, rank, average_tokens=False, name="fsdp_noavg"),
     "tp": scenario_tp,
     "ep": scenario_ep,
 }
