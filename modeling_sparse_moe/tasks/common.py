@@ -5,6 +5,7 @@ the training texts), the output-folder rule of the HF scripts, and writing resul
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +49,11 @@ class ModelArguments:
         default=2048, metadata={"help": "Vocabulary of the tokenizer trained from scratch."}
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+
+
+@dataclass
+class RemoteCodeArguments:
+    # A separate dataclass because TRL's SFTConfig already has this flag (argparse refuses a duplicate).
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code for Hub models."})
 
 
@@ -80,14 +86,20 @@ def parse_args(dataclass_types, argv: list[str] | None):
     """`HfArgumentParser` over `dataclass_types` (the last being the training arguments) plus
     `--overwrite_output_dir`, which is set on the training arguments as transformers 4's scripts had it. `argv=None`
     reads sys.argv; a single .json path is read as a file of arguments, as in the HF scripts."""
-    parser = HfArgumentParser((*dataclass_types, OutputArguments))
+    extra = [OutputArguments]
+    if "trust_remote_code" not in {f.name for f in dataclasses.fields(dataclass_types[-1])}:
+        extra.append(RemoteCodeArguments)
+    parser = HfArgumentParser((*dataclass_types, *extra))
     if argv is None:
         argv = sys.argv[1:]
     if len(argv) == 1 and argv[0].endswith(".json"):
-        *parsed, output_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        parsed = list(parser.parse_json_file(json_file=os.path.abspath(argv[0])))
     else:
-        *parsed, output_args = parser.parse_args_into_dataclasses(args=argv)
-    parsed[-1].overwrite_output_dir = output_args.overwrite_output_dir
+        parsed = list(parser.parse_args_into_dataclasses(args=argv))
+    extras, parsed = parsed[len(dataclass_types) :], parsed[: len(dataclass_types)]
+    parsed[-1].overwrite_output_dir = extras[0].overwrite_output_dir
+    remote = extras[1] if len(extras) > 1 else parsed[-1]
+    parsed[0].trust_remote_code = remote.trust_remote_code
     return parsed
 
 
