@@ -128,3 +128,16 @@ def table(study: dict) -> str:
             f"| {e['eval_loss_mean']:.3f} ± {e['eval_loss_std']:.3f} | {r['active_params']:,} / {r['total_params']:,} |"
         )
     return "\n".join(lines)
+
+
+def merge(folders: list[str]) -> dict:
+    """One study from several `study.json` files (runs of one study split over processes, e.g. one seed each)."""
+    study: dict = {}
+    for folder in folders:
+        with open(os.path.join(folder, "study.json")) as f:
+            for name, entry in json.load(f).items():
+                runs = study.setdefault(name, {"runs": []})["runs"]
+                runs.extend(r for r in entry["runs"] if all(r["seed"] != s["seed"] for s in runs))
+    for entry in study.values():
+        entry["runs"].sort(key=lambda r: r["seed"])
+    return summarize(study)
