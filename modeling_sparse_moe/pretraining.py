@@ -747,8 +747,8 @@ def run_dense_comparison(args: StudyArguments) -> dict:
                 logger.info("seed %d step %d (%.0f s): %s", seed, step, time.perf_counter() - wall,
                             ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
         per_seed.append(_seed_result(seed, runs, baseline, args))
-        _write_study(out, args, configs, corpus, per_seed, baseline)
-    return _write_study(out, args, configs, corpus, per_seed, baseline)
+        _write_study(out, args, configs, variants, corpus, per_seed, baseline)
+    return _write_study(out, args, configs, variants, corpus, per_seed, baseline)
 
 
 def _seed_result(seed: int, runs: dict, baseline: str, args: StudyArguments) -> dict:
@@ -783,14 +783,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def _write_study(out: Path, args: StudyArguments, configs: dict, corpus: dict, per_seed: list, baseline: str) -> dict:
+def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict, corpus: dict, per_seed: list,
+                 baseline: str) -> dict:
     from dataclasses import asdict
 
     shapes = {
         name: {
-            "overrides": {k: v for k, v in config.to_diff_dict().items() if k in ("num_experts", "num_experts_per_tok",
-                          "moe_intermediate_size", "intermediate_size", "num_shared_experts",
-                          "shared_expert_intermediate_size", "router_bias_update_rate", "router_aux_loss_coef")},
+            "overrides": variants[name],
             "params": config.num_parameters(),
             "active_params": config.num_active_parameters(),
         }
