@@ -289,7 +289,8 @@ def test_trainer_torch_compile_trains_like_eager_without_graph_breaks(tmp_path):
     eager = _train_losses(tmp_path, compiled=False)
     torch._dynamo.utils.counters.clear()
     compiled = _train_losses(tmp_path, compiled=True)
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0, dict(torch._dynamo.utils.counters["graph_break"])
+    graph_breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert sum(graph_breaks.values()) == 0, graph_breaks
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     assert len(compiled) == len(eager) == 5 and compiled[-1] < compiled[0] - 0.5, compiled
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-3)
