@@ -129,14 +129,17 @@ def test_bad_answer_start_names_file_and_id(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["extractive", "generative"])
 def test_smoke_finetune_beats_untuned_model(tmp_path, mode):
-    """16 training questions, scored on the same 16: F1 after 80 steps beats the untrained model's."""
+    """16 training questions in a SQuAD JSON file, scored on the same file: after 60 steps EM and F1 beat the
+    untrained model's by a wide margin (a run measured EM 0 -> 100 in both modes)."""
+    path = _squad_file(tmp_path / "train.json", list(country_qa_dataset()["train"].select(range(16))))
     result = qa.main([
         "--config_name", "configs/tiny", "--output_dir", str(tmp_path / mode), "--do_train", "--do_eval",
-        "--max_train_samples", "16", "--max_eval_samples", "16", "--max_steps", "80", "--learning_rate", "1e-2",
+        "--train_file", path, "--validation_file", path, "--max_steps", "60", "--learning_rate", "1e-2",
         *COMMON, *(["--generative"] if mode == "generative" else []),
     ])
     assert result["mode"] == mode
-    assert result["eval_f1"] > result["eval_f1_before"] + 10, result
+    assert result["eval_f1"] > result["eval_f1_before"] + 40, result
+    assert result["eval_exact_match"] >= 50, result
     saved = json.loads((tmp_path / mode / "all_results.json").read_text())
     assert saved["eval_f1"] == pytest.approx(result["eval_f1"])
     preds = json.loads((tmp_path / mode / "eval_predictions.json").read_text())
