@@ -520,8 +520,10 @@ def _write_plots(output_dir: str, log_history: list[dict], telemetry: str | None
     curves = {"model": plotting.loss_curves_from_log_history(log_history)}
     if curves["model"]["train"] or curves["model"]["eval"]:
         plots["loss_curves"] = str(plotting.plot_loss_curves(curves, Path(output_dir) / "loss_curves.png"))
-    if telemetry:
+    if telemetry and plotting.load_telemetry(telemetry)["history"]:
         plots["expert_load"] = str(plotting.plot_load_heatmap(telemetry, Path(output_dir) / "expert_load.png"))
+    elif telemetry:  # e.g. --max_steps below --logging_steps: nothing was logged, so there is no heatmap to draw
+        logger.warning("No expert-load heatmap: no logging step happened (lower --logging_steps)")
     return plots
 
 

@@ -207,7 +207,8 @@ def stage_pretrain(folder: Path, size: Size, state: State) -> dict:
     if size.corpus_chars is not None:
         argv += ["--max_corpus_chars", str(size.corpus_chars)]
     result = pretraining.main(argv)
-    curve = [(row["step"], row["eval_loss"]) for row in result["log_history"] if "eval_loss" in row]
+    # the final evaluate() logs the last step's eval loss a second time: one point per step
+    curve = sorted({row["step"]: row["eval_loss"] for row in result["log_history"] if "eval_loss" in row}.items())
     print("validation loss: " + " -> ".join(f"{loss:.2f} (step {step})" for step, loss in curve))
     model = AutoModelForCausalLM.from_pretrained(result["model_dir"])
     after = _generate(model, tokenizer, PROMPT)
@@ -271,8 +272,8 @@ def stage_qa(folder: Path, size: Size, state: State) -> dict:
           f"{metrics.get('eval_exact_match', 0):.1f}, F1 {metrics.get('eval_f1_before', 0):.1f} -> "
           f"{metrics.get('eval_f1', 0):.1f}")
     for example in result.get("examples", []):
-        print(f"  Q: {example.get('question')}\n    gold: {example.get('answer', example.get('reference'))}"
-              f"\n    model: {example.get('prediction')}")
+        gold = example.get("gold") or ["(no answer)"]
+        print(f"  Q: {example.get('question')}\n    gold:  {' | '.join(gold)}\n    model: {example.get('prediction')!r}")
     return {"metrics": metrics, "examples": result.get("examples", [])}
 
 
@@ -289,7 +290,7 @@ def stage_pictures(folder: Path, size: Size, state: State) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(pretrain["model_dir"])
     curves = {"pretraining": plotting.loss_curves_from_log_history(pretrain["log_history"])}
     written = {"loss_curves": plotting.plot_loss_curves(curves, out / "loss_curves.png")}
-    if pretrain.get("telemetry"):
+    if pretrain.get("telemetry") and plotting.load_telemetry(pretrain["telemetry"])["history"]:
         written["expert_load"] = plotting.plot_load_heatmap(pretrain["telemetry"], out / "expert_load.png")
     routing = plotting.route_tokens(model, tokenizer, SENTENCE)
     written["token_routing"] = plotting.plot_token_routing(routing, out / "token_routing.png")
@@ -376,7 +377,8 @@ def stage_summary(folder: Path, size: Size, state: State) -> dict:
     t, q = translation["metrics"], qa["metrics"]
     rows = [
         ("tokenizer", f"{stages['tokenizer']['result']['vocab_size']} tokens", stages["tokenizer"]["seconds"]),
-        ("pretrain", f"validation loss {loss[0][1]:.2f} -> {loss[-1][1]:.2f}" if loss else "-",
+        ("pretrain", f"validation loss {loss[0][1]:.2f} (step {loss[0][0]}) -> {loss[-1][1]:.2f} (step {loss[-1][0]})"
+         if loss else "-",
          stages["pretrain"]["seconds"]),
         ("translation EN->FR", f"chrF {t.get('eval_chrf_before', 0):.1f} -> {t.get('eval_chrf', 0):.1f}, "
          f"BLEU {t.get('eval_bleu_before', 0):.2f} -> {t.get('eval_bleu', 0):.2f}"
