@@ -753,7 +753,8 @@ def test_readme_share_commands_work_as_written(fake_hub, no_token, monkeypatch, 
     import re
     import shlex
 
-    section = (REPO_ROOT / "README.md").read_text().split("## Share on the Hub\n", 1)[1].split("\n## ", 1)[0]
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Share on the Hub, load anywhere\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     save_code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     commands = [
         shlex.split(line.split("#")[0])

@@ -42,7 +42,7 @@ COVERED = {
     "python -m pytest -q": ("ci", "python -m pytest -q"),
     "python -m modeling_sparse_moe.quickstart": ("test", "tests/test_quickstart.py::test_smoke_run_tells_the_whole_story"),
     "python scripts/push_to_hub.py outputs/tiny-moe --repo-id USER/tiny-moe":
-        ("test", "tests/test_hub.py::test_push_uploads_exactly_the_dry_run_listing"),
+        ("test", "tests/test_hub.py::test_readme_share_commands_work_as_written"),  # real client, HTTP replaced
     "python scripts/convert.py --from auto path/to/Mixtral-8x7B-v0.1 out/sparse-mixtral":
         ("test", "tests/test_conversion.py::test_cli_converts_both_ways_and_upcycles"),
     "python scripts/convert.py --to mixtral out/sparse-mixtral out/mixtral-again":
