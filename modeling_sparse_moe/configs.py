@@ -37,9 +37,14 @@ def config_path(name: str) -> str:
 
 
 def resolve_config_name(name: str) -> str:
-    """What recipes do with `--config_name`: a shipped config's name, or a folder path / Hub name left as given."""
-    if "/" not in name and not Path(name).exists() and (CONFIGS_DIR / name / "config.json").is_file():
-        return str(CONFIGS_DIR / name)
+    """What recipes do with `--config_name`: a shipped config's name ("tiny", or "configs/tiny" from any folder), or
+    an existing folder path / a Hub name, left as given."""
+    if Path(name).exists():
+        return name
+    for candidate in (CONFIGS_DIR / name, CONFIGS_DIR.parent / name):
+        if "/" not in name or candidate.parent.resolve() == CONFIGS_DIR.resolve():
+            if (candidate / "config.json").is_file():
+                return str(candidate)
     return name
 
 

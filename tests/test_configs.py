@@ -39,8 +39,10 @@ def test_unknown_config_name_lists_the_shipped_ones():
         config_path("nope")
 
 
-def test_resolve_config_name_leaves_paths_and_hub_names_alone(tmp_path):
+def test_resolve_config_name_leaves_paths_and_hub_names_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the repository root
     assert resolve_config_name("tiny") == str(CONFIGS_DIR / "tiny")
+    assert resolve_config_name("configs/tiny") == str(CONFIGS_DIR / "tiny")
     assert resolve_config_name("org/some-model") == "org/some-model"
     assert resolve_config_name(str(tmp_path)) == str(tmp_path)
 

@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import modeling_sparse_moe  # noqa: F401  (registers the Auto classes)
 
+from ..configs import resolve_config_name
 from ..data import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ def load_config(model_args, tokenizer, **extra):
     if model_args.model_name_or_path and not model_args.config_name:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir, **extra)
     elif model_args.config_name:
-        config = AutoConfig.from_pretrained(model_args.config_name, cache_dir=model_args.cache_dir, **extra)
+        config_name = resolve_config_name(model_args.config_name)  # "tiny" or "configs/tiny" from any folder
+        config = AutoConfig.from_pretrained(config_name, cache_dir=model_args.cache_dir, **extra)
         if model_args.config_overrides:
             config.update_from_string(model_args.config_overrides)
     else:
