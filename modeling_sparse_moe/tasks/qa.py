@@ -293,7 +293,8 @@ def _extractive(model, tokenizer, raw, data_args, training_args, last_checkpoint
 
     def predict(split, prefix):
         feats = features[split]
-        out = trainer.predict(feats.remove_columns(["example_id", "offset_mapping"]), metric_key_prefix=prefix)
+        # "eval before" (the progress label of the first pass) keeps the metric prefix "eval"
+        out = trainer.predict(feats.remove_columns(["example_id", "offset_mapping"]), metric_key_prefix=prefix.split()[0])
         start_logits, end_logits = out.predictions[:2] if isinstance(out.predictions, tuple) else out.predictions
         preds, diffs = postprocess_qa_predictions(
             raw[split], feats, start_logits, end_logits, data_args.version_2_with_negative, data_args.n_best_size,
@@ -301,31 +302,8 @@ def _extractive(model, tokenizer, raw, data_args, training_args, last_checkpoint
         )
         return preds, _score(preds, raw[split])
 
-    result: dict = {}
-    if training_args.do_eval:
-        _, scores = predict("validation", "eval")
-        result.update({f"eval_{k}_before": v for k, v in scores.items() if k in ("exact_match", "f1")})
-    if training_args.do_train:
-        result.update(_train(trainer, training_args, last_checkpoint, len(features["train"])))
-    if training_args.do_eval:
-        preds, scores = predict("validation", "eval")
-        metrics = {f"eval_{k}": v for k, v in scores.items()}
-        metrics.update({k: v for k, v in result.items() if k.startswith("eval_")})
-        metrics["eval_samples"] = len(raw["validation"])
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        result.update(metrics)
-        result["examples"] = _examples(preds, raw["validation"], data_args.num_examples)
-        result["eval_predictions_file"] = _save_predictions(trainer, training_args, "eval", preds)
-    if training_args.do_predict:
-        preds, scores = predict("test", "predict")
-        metrics = {f"predict_{k}": v for k, v in scores.items()}
-        metrics["predict_samples"] = len(raw["test"])
-        trainer.log_metrics("predict", metrics)
-        trainer.save_metrics("predict", metrics)
-        result.update(metrics)
-        result["predict_predictions_file"] = _save_predictions(trainer, training_args, "predict", preds)
-    return result
+    num_train = len(features["train"]) if "train" in features else 0
+    return _evaluate_train_predict(trainer, predict, raw, data_args, training_args, last_checkpoint, num_train)
 
 
 def _generative(model, tokenizer, raw, data_args, training_args, last_checkpoint) -> dict:
@@ -360,12 +338,19 @@ def _generative(model, tokenizer, raw, data_args, training_args, last_checkpoint
         preds = dict(zip(ds["id"], answers))
         return preds, _score(preds, ds)
 
+    return _evaluate_train_predict(trainer, predict, raw, data_args, training_args, last_checkpoint,
+                                   len(train) if train is not None else 0)
+
+
+def _evaluate_train_predict(trainer, predict, raw, data_args, training_args, last_checkpoint, num_train) -> dict:
+    """What both QA modes do around training: score the validation split before and after, then the test split.
+    `predict(split, desc)` returns (predictions by id, scores)."""
     result: dict = {}
     if training_args.do_eval:
         _, scores = predict("validation", "eval before")
         result.update({f"eval_{k}_before": v for k, v in scores.items() if k in ("exact_match", "f1")})
     if training_args.do_train:
-        result.update(_train(trainer, training_args, last_checkpoint, len(train)))
+        result.update(_train(trainer, training_args, last_checkpoint, num_train))
     if training_args.do_eval:
         preds, scores = predict("validation", "eval")
         metrics = {f"eval_{k}": v for k, v in scores.items()}
