@@ -7,17 +7,23 @@ Hub-facing file: it is copied next to `config.json` and must import only torch, 
 Shape legend: T tokens, K experts per token, A = T*K assignments, N assignments actually computed (A minus the
 dropped ones), E experts, D hidden, F expert hidden. `x_TD` is a (T, D) tensor; `w_EFD` an (E, F, D) weight.
 
-Two paths; `_use_static_path` chooses, for these reasons:
+Three ways to run; `sparse_moe_experts_forward` chooses (with `_use_static_path`), for these reasons:
   - Planned (eager on CPU, steps 1-4 below): reads the per-expert counts back to the host once per call and then runs
     only what exists: no GEMM work or buffer rows for dropped assignments, experts with rows only, the decode plan
     without a sort, long segments expert by expert. On CPU the "host read" is free (host and device are one), and
     this path is level with or ahead of transformers' `grouped_mm` there (README, Performance).
-  - Static (`static_experts_forward`: under `torch.compile`, i.e. `torch.compiler.is_compiling()`, and on every
-    accelerator): every shape is a function of T, K, E, D, F and nothing is read back to the host. A host read costs
-    a GPU a pipeline stall per MoE layer per step, rules out CUDA graphs, and under `torch.compile` a data-dependent
-    shape breaks the graph (`fullgraph=True` fails; `generate(cache_implementation="static")` auto-compiles only a
-    model that compiles in one graph). It sorts all T*K assignments, bounds each expert's rows with device-side
-    offsets (`searchsorted`), and runs `F.grouped_mm` (bf16: traced as is, differentiable, CUDA-graph safe) or the
+  - Planned, inside custom ops (`planned_ops_experts_forward`: under `torch.compile` on CPU, SiLU experts): the same
+    kernels behind `sparse_moe::planned_up` / `planned_down` (with autograd) and `planned_inference`, each with a
+    registered fake, so the model still compiles into one graph (`fullgraph=True`) and inductor fuses everything
+    around the experts. On CPU the static path's kernels took 1.13x these kernels' time for the experts' forward +
+    backward (fp32, 512 tokens, shape of scripts/bench_model.py), and its decode step paid for `grouped_mm`'s empty
+    groups.
+  - Static (`static_experts_forward`: on every accelerator, and under `torch.compile` where the planned ops cannot
+    run): every shape is a function of T, K, E, D, F and nothing is read back to the host. A host read costs a GPU a
+    pipeline stall per MoE layer per step, rules out CUDA graphs, and under `torch.compile` a data-dependent shape
+    breaks the graph (`fullgraph=True` fails; `generate(cache_implementation="static")` auto-compiles only a model
+    that compiles in one graph). It sorts all T*K assignments, bounds each expert's rows with device-side offsets
+    (`searchsorted`), and runs `F.grouped_mm` (bf16: traced as is, differentiable, CUDA-graph safe) or the
     `sparse_moe::grouped_linear` custom op (other dtypes: `torch._grouped_mm` has no fake/meta support for them in
     torch 2.13, so the op is opaque to the compiler, with a registered fake and autograd). Dropped assignments sort
     past the last offset, so they cost no GEMM work either.
@@ -291,10 +297,11 @@ def _long_segments(plan: DispatchPlan, device: torch.device) -> bool:
     )
 
 
-def _up_projection(x_TD, gate_up_EHD, plan: DispatchPlan) -> tuple[torch.Tensor, ...]:
+def _up_projection(x_TD, gate_up_EHD, plan: DispatchPlan, num_parts: int | None = None) -> tuple[torch.Tensor, ...]:
     """Pre-activations of the computed rows as "parts": `(h_NH,)` = [gate | up] from one product, or `(gate_NF,
-    up_NF)` from two when the (N, 2F) buffer would be large."""
-    num_parts = 1 if _fuse_gate_up(plan, gate_up_EHD) else 2
+    up_NF)` from two when the (N, 2F) buffer would be large (unless `num_parts` says)."""
+    if num_parts is None:
+        num_parts = 1 if _fuse_gate_up(plan, gate_up_EHD) else 2
     weight_parts = gate_up_EHD.chunk(num_parts, dim=1)
     if _long_segments(plan, x_TD.device):
         parts = tuple(x_TD.new_empty(plan.num_rows, w.shape[1]) for w in weight_parts)
@@ -401,40 +408,44 @@ class _UpProjection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_parts):
         x_TD, gate_up_EHD = ctx.saved_tensors
-        plan, (need_x, need_gate_up) = ctx.plan, ctx.needs_input_grad[:2]
-        rows_per_part = gate_up_EHD.shape[1] // len(grad_parts)
-        weight_parts = [gate_up_EHD[:, i * rows_per_part : (i + 1) * rows_per_part] for i in range(len(grad_parts))]
-        grad_x_TD = grad_gate_up_EHD = None
-        if need_x and _long_segments(plan, x_TD.device):
-            # Per expert: its rows' input gradient, added into (T, D) at once (the gather's backward).
-            grad_x_TD = grad_parts[0].new_zeros(x_TD.shape, dtype=torch.float32)  # fp32 sums, as `_sum_per_token`
-            for expert, start, end in plan.segments:
-                grad_x_RD = torch.mm(grad_parts[0][start:end], weight_parts[0][expert])
-                for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
-                    grad_x_RD.addmm_(grad_part[start:end], weight_part[expert])
-                grad_x_TD.index_add_(0, plan.token_N[start:end], grad_x_RD.float())
-            grad_x_TD = grad_x_TD.to(x_TD.dtype)
-        elif need_x:
-            grad_x_ND = _grouped_linear(grad_parts[0], weight_parts[0].mT, plan)
+        return *_up_backward(grad_parts, x_TD, gate_up_EHD, ctx.plan, *ctx.needs_input_grad[:2]), None
+
+
+def _up_backward(grad_parts, x_TD, gate_up_EHD, plan: DispatchPlan, need_x: bool, need_gate_up: bool):
+    """`_UpProjection`'s gradients: (grad x_TD or None, grad gate_up_EHD or None)."""
+    rows_per_part = gate_up_EHD.shape[1] // len(grad_parts)
+    weight_parts = [gate_up_EHD[:, i * rows_per_part : (i + 1) * rows_per_part] for i in range(len(grad_parts))]
+    grad_x_TD = grad_gate_up_EHD = None
+    if need_x and _long_segments(plan, x_TD.device):
+        # Per expert: its rows' input gradient, added into (T, D) at once (the gather's backward).
+        grad_x_TD = grad_parts[0].new_zeros(x_TD.shape, dtype=torch.float32)  # fp32 sums, as `_sum_per_token`
+        for expert, start, end in plan.segments:
+            grad_x_RD = torch.mm(grad_parts[0][start:end], weight_parts[0][expert])
             for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
-                grad_x_ND += _grouped_linear(grad_part, weight_part.mT, plan)
-            grad_x_TD = _sum_per_token(grad_x_ND, plan).to(x_TD.dtype)  # the gather's backward
-            del grad_x_ND
-        if need_gate_up:
-            grad_gate_up_EHD = torch.empty_like(gate_up_EHD)
-            grad_weight_parts = grad_gate_up_EHD.chunk(len(grad_parts), dim=1)
-            if _long_segments(plan, x_TD.device):
-                for expert, start, end in plan.segments:
-                    x_RD = x_TD.index_select(0, plan.token_N[start:end])
-                    for grad_part, grad_weight in zip(grad_parts, grad_weight_parts):
-                        torch.mm(grad_part[start:end].t(), x_RD, out=grad_weight[expert])
-                for start, end in plan.idle_experts(grad_gate_up_EHD.shape[0]):
-                    grad_gate_up_EHD[start:end].zero_()
-            else:
-                x_ND = x_TD.index_select(0, plan.token_N)
+                grad_x_RD.addmm_(grad_part[start:end], weight_part[expert])
+            grad_x_TD.index_add_(0, plan.token_N[start:end], grad_x_RD.float())
+        grad_x_TD = grad_x_TD.to(x_TD.dtype)
+    elif need_x:
+        grad_x_ND = _grouped_linear(grad_parts[0], weight_parts[0].mT, plan)
+        for grad_part, weight_part in zip(grad_parts[1:], weight_parts[1:]):
+            grad_x_ND += _grouped_linear(grad_part, weight_part.mT, plan)
+        grad_x_TD = _sum_per_token(grad_x_ND, plan).to(x_TD.dtype)  # the gather's backward
+        del grad_x_ND
+    if need_gate_up:
+        grad_gate_up_EHD = torch.empty_like(gate_up_EHD)
+        grad_weight_parts = grad_gate_up_EHD.chunk(len(grad_parts), dim=1)
+        if _long_segments(plan, x_TD.device):
+            for expert, start, end in plan.segments:
+                x_RD = x_TD.index_select(0, plan.token_N[start:end])
                 for grad_part, grad_weight in zip(grad_parts, grad_weight_parts):
-                    _segment_weight_grad(grad_part, x_ND, plan, grad_weight)
-        return grad_x_TD, grad_gate_up_EHD, None
+                    torch.mm(grad_part[start:end].t(), x_RD, out=grad_weight[expert])
+            for start, end in plan.idle_experts(grad_gate_up_EHD.shape[0]):
+                grad_gate_up_EHD[start:end].zero_()
+        else:
+            x_ND = x_TD.index_select(0, plan.token_N)
+            for grad_part, grad_weight in zip(grad_parts, grad_weight_parts):
+                _segment_weight_grad(grad_part, x_ND, plan, grad_weight)
+    return grad_x_TD, grad_gate_up_EHD
 
 
 class _DownProjection(torch.autograd.Function):
@@ -457,24 +468,27 @@ class _DownProjection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out_TD):
         top_k_weights_TK, down_EDF, *parts = ctx.saved_tensors
-        plan, act_fn = ctx.plan, ctx.act_fn
         need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], any(ctx.needs_input_grad[4:])
-        grad_out_TD = grad_out_TD.to(parts[0].dtype)
-        # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
-        weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
-        if _long_segments(plan, grad_out_TD.device):
-            grad_weights_N, grad_down_EDF, grad_parts = _down_backward_long(
-                grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, *need
-            )
-        else:
-            grad_weights_N, grad_down_EDF, grad_parts = _down_backward_grouped(
-                grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, *need
-            )
-        grad_weights_TK = None
-        if grad_weights_N is not None:
-            grad_weights_TK = _unsort_rows(grad_weights_N.unsqueeze(-1), plan).view_as(top_k_weights_TK)
-            grad_weights_TK = grad_weights_TK.to(top_k_weights_TK.dtype)
+        grad_weights_TK, grad_down_EDF, grad_parts = _down_backward(
+            grad_out_TD, top_k_weights_TK, down_EDF, parts, ctx.act_fn, ctx.plan, *need
+        )
         return grad_weights_TK, grad_down_EDF, None, None, *grad_parts
+
+
+def _down_backward(grad_out_TD, top_k_weights_TK, down_EDF, parts, act_fn, plan, need_weights, need_down, need_h):
+    """`_DownProjection`'s gradients: (routing weights (T, K) or None, down_proj or None, pre-activation parts)."""
+    grad_out_TD = grad_out_TD.to(parts[0].dtype)
+    # d(out)/d(y) is the routing weight, cast to the expert dtype as the reference's `.float()` backward does.
+    weights_N1 = _per_row(top_k_weights_TK, plan).float().unsqueeze(-1)
+    backward = _down_backward_long if _long_segments(plan, grad_out_TD.device) else _down_backward_grouped
+    grad_weights_N, grad_down_EDF, grad_parts = backward(
+        grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, need_weights, need_down, need_h
+    )
+    grad_weights_TK = None
+    if grad_weights_N is not None:
+        grad_weights_TK = _unsort_rows(grad_weights_N.unsqueeze(-1), plan).view_as(top_k_weights_TK)
+        grad_weights_TK = grad_weights_TK.to(top_k_weights_TK.dtype)
+    return grad_weights_TK, grad_down_EDF, grad_parts
 
 
 def _down_backward_grouped(grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, need_weights, need_down, need_h):
@@ -541,8 +555,14 @@ def _down_backward_long(grad_out_TD, weights_N1, down_EDF, parts, act_fn, plan, 
 # loop (one host read of the offsets). Both treat rows past `offsets_E[-1]` (dropped assignments) as don't-care.
 def _grouped_linear_kernel(a_AI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """out[s:e] = a[s:e] @ w[expert].T for the row ranges given by cumulative `offsets_E`; (A, O), contiguous, rows
-    past `offsets_E[-1]` zero (a custom op's outputs must be a function of its inputs; the kernel leaves them unset)."""
-    if _grouped_mm_usable(a_AI, w_EOI):
+    past `offsets_E[-1]` zero (a custom op's outputs must be a function of its inputs; the kernel leaves them unset).
+
+    NOTE: on CPU the offsets are read on the host (free there) and an expert without rows costs nothing; torch's CPU
+    `grouped_mm` runs one `mm` per group, empty ones included, which made a compiled decode step (2 of 8 experts
+    busy) 2-3% slower than transformers' loop. `grouped_mm` serves the CPU only when every expert has rows."""
+    bounds = offsets_E.tolist() if a_AI.device.type == "cpu" else None
+    all_busy = bounds is None or all(end > start for start, end in zip([0] + bounds[:-1], bounds))
+    if all_busy and _grouped_mm_usable(a_AI, w_EOI):
         try:
             out_AO = F.grouped_mm(a_AI, w_EOI.mT, offs=offsets_E).contiguous()
             tail_A1 = torch.arange(a_AI.shape[0], device=a_AI.device).unsqueeze(-1) >= offsets_E[-1:]
@@ -551,12 +571,15 @@ def _grouped_linear_kernel(a_AI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: t
             raise
         except RuntimeError:  # NOTE: a dtype or layout the device's kernel refuses (e.g. fp32 on some GPUs)
             pass
-    out_AO = a_AI.new_zeros(a_AI.shape[0], w_EOI.shape[1])
+    bounds = offsets_E.tolist() if bounds is None else bounds  # the fallback's one host read off the CPU
+    out_AO = a_AI.new_empty(a_AI.shape[0], w_EOI.shape[1])
     start = 0
-    for expert, end in enumerate(offsets_E.tolist()):  # the fallback's one host read
+    for expert, end in enumerate(bounds):
         if end > start:
             torch.mm(a_AI[start:end], w_EOI[expert].t(), out=out_AO[start:end])
         start = end
+    if start < a_AI.shape[0]:
+        out_AO[start:].zero_()
     return out_AO
 
 
@@ -629,6 +652,145 @@ if not hasattr(torch.ops.sparse_moe, "grouped_linear"):
     torch.library.register_fake("sparse_moe::grouped_linear_backward", _grouped_linear_backward_fake)
 
 
+# ------------------------------------------------------------------------- planned path as custom ops (CPU, compiled)
+# Under `torch.compile` on CPU the planned path runs inside opaque custom ops, so the graph stays whole while the
+# experts keep the planned path's kernels (host-side plan, experts with rows only, the decode plan without a sort,
+# long segments in cache, the `index_add_` combine); the compiler fuses everything around them. Each op plans again
+# from `top_k_index` (one sort and one host read, free on CPU: ~0.1% of a training step), since a plan cannot cross an
+# op boundary. The pre-activations cross it as one (A, 2F) tensor: A = T*K rows, a static shape; with dropped
+# assignments only the first N rows are computed and the rest are zero. SiLU only: the gradient of another activation
+# needs autograd, which an op's kernel does not run under; such models take the static path.
+_SILU = SiLUActivation()
+
+
+def _pad_rows(rows_NX: torch.Tensor, num_rows: int) -> torch.Tensor:
+    if rows_NX.shape[0] == num_rows:
+        return rows_NX
+    padded = rows_NX.new_zeros(num_rows, rows_NX.shape[1])
+    padded[: rows_NX.shape[0]] = rows_NX
+    return padded
+
+
+def _planned_up_kernel(x_TD, top_k_index_TK, gate_up_EHD):
+    plan = plan_dispatch(top_k_index_TK, gate_up_EHD.shape[0])
+    (h_NH,) = _up_projection(x_TD, gate_up_EHD, plan, num_parts=1)
+    return _pad_rows(h_NH, top_k_index_TK.numel())
+
+
+def _planned_down_kernel(h_AH, top_k_weights_TK, top_k_index_TK, down_EDF):
+    plan = plan_dispatch(top_k_index_TK, down_EDF.shape[0])
+    parts = (h_AH[: plan.num_rows],)
+    if _long_segments(plan, down_EDF.device):
+        return _down_projection_long(parts, top_k_weights_TK, down_EDF, _SILU, plan)
+    return _down_projection(parts, top_k_weights_TK, down_EDF, _SILU, plan, in_place=False)
+
+
+def _planned_down_backward_kernel(grad_TD, h_AH, top_k_weights_TK, top_k_index_TK, down_EDF, need_weights: bool,
+                                  need_down: bool, need_h: bool):
+    plan = plan_dispatch(top_k_index_TK, down_EDF.shape[0])
+    grad_weights_TK, grad_down_EDF, (grad_h_NH,) = _down_backward(
+        grad_TD, top_k_weights_TK, down_EDF, (h_AH[: plan.num_rows],), _SILU, plan, need_weights, need_down, need_h
+    )
+    return (
+        grad_weights_TK if need_weights else top_k_weights_TK.new_empty(0),
+        grad_down_EDF if need_down else down_EDF.new_empty(0),
+        _pad_rows(grad_h_NH, h_AH.shape[0]) if need_h else h_AH.new_empty(0),
+    )
+
+
+def _planned_up_backward_kernel(grad_h_AH, x_TD, top_k_index_TK, gate_up_EHD, need_x: bool, need_gate_up: bool):
+    plan = plan_dispatch(top_k_index_TK, gate_up_EHD.shape[0])
+    grad_x_TD, grad_gate_up_EHD = _up_backward(
+        (grad_h_AH[: plan.num_rows],), x_TD, gate_up_EHD, plan, need_x, need_gate_up
+    )
+    return (
+        grad_x_TD if need_x else x_TD.new_empty(0),
+        grad_gate_up_EHD if need_gate_up else gate_up_EHD.new_empty(0),
+    )
+
+
+def _planned_inference_kernel(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, down_EDF):
+    plan = plan_dispatch(top_k_index_TK, gate_up_EHD.shape[0])
+    return _experts_inference(x_TD, top_k_weights_TK, gate_up_EHD, down_EDF, _SILU, plan)
+
+
+def _planned_up_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _planned_up_backward(ctx, grad_h_AH):
+    x_TD, top_k_index_TK, gate_up_EHD = ctx.saved_tensors
+    need_x, need_gate_up = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    grad_x_TD, grad_gate_up_EHD = torch.ops.sparse_moe.planned_up_backward(
+        grad_h_AH, x_TD, top_k_index_TK, gate_up_EHD, need_x, need_gate_up
+    )
+    return (grad_x_TD if need_x else None), None, (grad_gate_up_EHD if need_gate_up else None)
+
+
+def _planned_down_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _planned_down_backward(ctx, grad_TD):
+    h_AH, top_k_weights_TK, top_k_index_TK, down_EDF = ctx.saved_tensors
+    need_h, need_weights, _, need_down = ctx.needs_input_grad
+    grad_weights_TK, grad_down_EDF, grad_h_AH = torch.ops.sparse_moe.planned_down_backward(
+        grad_TD, h_AH, top_k_weights_TK, top_k_index_TK, down_EDF, need_weights, need_down, need_h
+    )
+    return (
+        grad_h_AH if need_h else None,
+        grad_weights_TK if need_weights else None,
+        None,
+        grad_down_EDF if need_down else None,
+    )
+
+
+def _empty_unless(needed: bool, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(like.shape) if needed else like.new_empty(0)
+
+
+_PLANNED_OPS = (
+    # name, kernel, schema, fake
+    ("planned_up", _planned_up_kernel, "(Tensor x, Tensor top_k_index, Tensor gate_up) -> Tensor",
+     lambda x, index, gate_up: x.new_empty(index.numel(), gate_up.shape[1])),
+    ("planned_down", _planned_down_kernel,
+     "(Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down) -> Tensor",
+     lambda h, weights, index, down: h.new_empty(index.shape[0], down.shape[1])),
+    ("planned_down_backward", _planned_down_backward_kernel,
+     "(Tensor grad, Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down, bool need_weights, "
+     "bool need_down, bool need_h) -> (Tensor, Tensor, Tensor)",
+     lambda grad, h, weights, index, down, nw, nd, nh: (
+         _empty_unless(nw, weights), _empty_unless(nd, down), _empty_unless(nh, h))),
+    ("planned_up_backward", _planned_up_backward_kernel,
+     "(Tensor grad_h, Tensor x, Tensor top_k_index, Tensor gate_up, bool need_x, bool need_gate_up) -> "
+     "(Tensor, Tensor)",
+     lambda grad_h, x, index, gate_up, nx, nw: (_empty_unless(nx, x), _empty_unless(nw, gate_up))),
+    ("planned_inference", _planned_inference_kernel,
+     "(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor down) -> Tensor",
+     lambda x, index, weights, gate_up, down: x.new_empty(x.shape)),
+)
+for _name, _kernel, _schema, _fake in _PLANNED_OPS:
+    if not hasattr(torch.ops.sparse_moe, _name):  # see the NOTE above `grouped_linear`'s registration
+        torch.library.custom_op(f"sparse_moe::{_name}", _kernel, mutates_args=(), schema=_schema)
+        torch.library.register_fake(f"sparse_moe::{_name}", _fake)
+        if _name == "planned_up":
+            torch.library.register_autograd(
+                "sparse_moe::planned_up", _planned_up_backward, setup_context=_planned_up_setup_context
+            )
+        elif _name == "planned_down":
+            torch.library.register_autograd(
+                "sparse_moe::planned_down", _planned_down_backward, setup_context=_planned_down_setup_context
+            )
+
+
+def planned_ops_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, down_EDF) -> torch.Tensor:
+    """The planned path through custom ops (SiLU experts, CPU, compiled): (T, D) in the dtype of `x_TD`."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, top_k_weights_TK, gate_up_EHD, down_EDF)):
+        h_AH = torch.ops.sparse_moe.planned_up(x_TD, top_k_index_TK, gate_up_EHD)
+        return torch.ops.sparse_moe.planned_down(h_AH, top_k_weights_TK, top_k_index_TK, down_EDF)
+    return torch.ops.sparse_moe.planned_inference(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, down_EDF)
+
+
 # NOTE: read once here: `is_torch_greater_or_equal` is `lru_cache`d, which dynamo would trace through with a warning.
 _CPU_GROUPED_MM_ANY_ALIGNMENT = is_torch_greater_or_equal("2.10", accept_dev=True)
 
@@ -676,9 +838,12 @@ def static_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, 
     return weighted_AD[inverse_A].view(num_tokens, top_k, -1).sum(dim=1)  # fixed-order fp32 sum; caller casts
 
 
-def _use_static_path(device: torch.device) -> bool:
-    """Static path under `torch.compile` and on accelerators; the planned path in eager on CPU (see the docstring)."""
-    return torch.compiler.is_compiling() or device.type != "cpu"
+def _use_static_path(device: torch.device, act_fn=None) -> bool:
+    """Static path on accelerators, and under `torch.compile` unless the planned ops can run (CPU, SiLU experts);
+    the planned path otherwise (see the module docstring)."""
+    if device.type != "cpu":
+        return True
+    return torch.compiler.is_compiling() and not _is_silu(act_fn)
 
 
 # ------------------------------------------------------------------------------------------------------- entry point
@@ -704,9 +869,13 @@ def sparse_moe_experts_forward(
         return hidden_states.new_zeros(hidden_states.shape)
 
     # NOTE: entering `torch.autocast(enabled=False)` costs ~7 us, a few percent of a decode step's experts call.
-    if _use_static_path(x_TD.device):
+    if _use_static_path(x_TD.device, self.act_fn):
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             out_TD = static_experts_forward(x_TD, top_k_index, top_k_weights, gate_up_EHD, down_EDF, self.act_fn)
+        return out_TD.to(hidden_states.dtype)
+    if torch.compiler.is_compiling():
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            out_TD = planned_ops_experts_forward(x_TD, top_k_index, top_k_weights, gate_up_EHD, down_EDF)
         return out_TD.to(hidden_states.dtype)
     plan = plan_dispatch(top_k_index, self.num_experts)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
@@ -724,6 +893,7 @@ __all__ = [
     "SPARSE_MOE_EXPERTS",
     "DispatchPlan",
     "plan_dispatch",
+    "planned_ops_experts_forward",
     "sparse_moe_experts_forward",
     "static_experts_forward",
 ]

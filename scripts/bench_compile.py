@@ -9,8 +9,8 @@ in one run: training step, prefill and decode, each eager and compiled, plus com
 The full run took ~25 min on the shared 2-core VM (load average 10-18), most of it compiling: the training step
 took 45-140 s to compile per model there.
 
-Compiled means `torch.compile(model, dynamic=False)` for the training step (forward + backward; AdamW stays eager, the
-same in both) and for prefill; decode is `generate(cache_implementation="static")` with a `CompileConfig` that lets
+Compiled means `torch.compile(model, dynamic=False)` for the training step (forward + backward; the optimizer, fused
+AdamW as `Trainer` uses by default, stays eager, the same in both) and for prefill; decode is `generate(cache_implementation="static")` with a `CompileConfig` that lets
 generate auto-compile its decode step on CPU too (`_compile_all_devices`), against eager `generate()` with the dynamic
 cache. Compile time is the first compiled call's wall time minus an eager call's (after one small warm-up compile, so
 that inductor's start-up is not charged to the first model). Timed calls are interleaved over the four contestants of
@@ -41,7 +41,9 @@ MEASURES = ("train_step", "prefill", "decode")
 
 def train_step(model, ids, compiled: bool):
     forward = torch.compile(model, dynamic=False) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    # NOTE: fused AdamW, as `Trainer` uses by default (torch >= 2.8): the foreach version's per-step temporaries (page
+    # faults on every buffer above 32 MiB) made a quarter of the step and most of its run-to-run noise on CPU.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
     def step():
         model.train()

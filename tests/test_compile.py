@@ -44,7 +44,7 @@ def _fresh_dynamo():
 def force_static(monkeypatch, kernel: str = "grouped_mm") -> None:
     """Run the static path in eager on CPU (what accelerators and compiled graphs run). `kernel="mm_loop"`: the custom
     op's per-expert fallback (devices or dtypes without a grouped kernel)."""
-    monkeypatch.setattr(moe_dispatch, "_use_static_path", lambda device: True)
+    monkeypatch.setattr(moe_dispatch, "_use_static_path", lambda device, act_fn=None: True)
     if kernel == "mm_loop":
         monkeypatch.setattr(moe_dispatch, "_grouped_mm_usable", lambda a, w: False)
         monkeypatch.setattr(moe_dispatch, "_native_grouped_mm", lambda a: False)
@@ -108,6 +108,55 @@ def test_grouped_linear_custom_op_passes_opcheck():
     torch.library.opcheck(torch.ops.sparse_moe.grouped_linear.default, (a_AI, w_EOI, offsets_E))
 
 
+def _routing_with_drops(num_tokens=9, seed=1):
+    index_TK, weights_TK = random_routing(num_tokens, idle=(2,), drop_fraction=0.3, seed=seed)
+    assert bool((index_TK == NUM_EXPERTS).any())  # some assignments dropped
+    return index_TK, weights_TK.requires_grad_(True)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 9])
+def test_planned_custom_ops_pass_opcheck(num_tokens):
+    """The planned path's ops (compiled graphs on CPU): schema, fake tensors, autograd registration."""
+    experts = make_experts()
+    index_TK, weights_TK = (_routing_with_drops() if num_tokens > 1 else random_routing(1, seed=3))
+    weights_TK.requires_grad_(True)
+    x_TD = torch.randn(num_tokens, HIDDEN, requires_grad=True)
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    ops = torch.ops.sparse_moe
+    h_AH = ops.planned_up(x_TD, index_TK, gate_up).detach().requires_grad_(True)
+    cases = [
+        (ops.planned_up.default, (x_TD, index_TK, gate_up)),
+        (ops.planned_down.default, (h_AH, weights_TK, index_TK, down)),
+        (ops.planned_inference.default, (x_TD.detach(), index_TK, weights_TK.detach(), gate_up.detach(),
+                                         down.detach())),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_planned_ops_match_the_planned_path():
+    """Forward and every gradient through the ops equal the eager planned path (the same kernels: same bits)."""
+    experts = make_experts()
+    index_TK, weights_TK = _routing_with_drops()
+    x_TD = torch.randn(index_TK.shape[0], HIDDEN)
+    grad_TD = torch.randn_like(x_TD)
+    results = []
+    for through_ops in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x_TD, weights_TK, experts.gate_up_proj,
+                                                                    experts.down_proj)]
+        if through_ops:
+            out = moe_dispatch.planned_ops_experts_forward(leaves[0], index_TK, leaves[1], leaves[2], leaves[3])
+        else:
+            experts_copy = copy.deepcopy(experts)
+            experts_copy.gate_up_proj, experts_copy.down_proj = nn.Parameter(leaves[2]), nn.Parameter(leaves[3])
+            out = moe_dispatch.sparse_moe_experts_forward(experts_copy, leaves[0], index_TK, leaves[1])
+            leaves[2], leaves[3] = experts_copy.gate_up_proj, experts_copy.down_proj
+        out.backward(grad_TD)
+        results.append([out.detach()] + [leaf.grad for leaf in leaves])
+    for eager, ops in zip(*results):
+        assert torch.equal(ops, eager)  # same kernels on the same tensors in this process
+
+
 def test_cpu_eager_keeps_the_planned_path(monkeypatch):
     """Eager on CPU runs the planned dispatch (faster there); the static path is for compiled graphs / accelerators."""
     called = []
@@ -116,7 +165,7 @@ def test_cpu_eager_keeps_the_planned_path(monkeypatch):
     experts.config._experts_implementation = SPARSE_MOE_EXPERTS
     index_TK, weights_TK = random_routing(7)
     experts(torch.randn(7, HIDDEN), index_TK, weights_TK)
-    assert not called and not moe_dispatch._use_static_path(torch.device("cpu"))
+    assert not called and not moe_dispatch._use_static_path(torch.device("cpu"), experts.act_fn)
 
 
 # -------------------------------------------------------------------------------------------------------- compiled
@@ -152,8 +201,12 @@ def _block_results(block, x, compile_: bool):
     return out.detach(), grads
 
 
+@pytest.mark.parametrize("path", ["planned_ops", "static"])
 @pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
-def test_block_fullgraph_forward_backward_equals_eager(variant):
+def test_block_fullgraph_forward_backward_equals_eager(variant, path, monkeypatch):
+    """Compiled on CPU: the planned ops (what CPU runs); "static": the sync-free path accelerators compile."""
+    if path == "static":
+        force_static(monkeypatch)
     block = _block(**BLOCK_VARIANTS[variant]).train()
     x = torch.randn(2, 9, block.config.hidden_size)
     eager_out, eager_grads = _block_results(block, x, compile_=False)
@@ -211,8 +264,13 @@ def test_dynamo_explain_one_graph(mode):
     model.train(mode == "train")
     ids = torch.randint(3, model.config.vocab_size, (2, 7))
     kwargs = dict(input_ids=ids, labels=ids) if mode == "train" else dict(input_ids=ids)
-    explanation = torch._dynamo.explain(model)(**kwargs)
+    with torch.set_grad_enabled(mode == "train"):
+        explanation = torch._dynamo.explain(model)(**kwargs)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    # on CPU the experts are the planned path's ops: two with autograd when grads flow, else one
+    code = explanation.graphs[0].code
+    expected = ("planned_up", "planned_down") if mode == "train" else ("planned_inference",)
+    assert all(f"sparse_moe.{op}" in code for op in expected), code
     assert SparseMoEForCausalLM._can_compile_fullgraph
 
 
