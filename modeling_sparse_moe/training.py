@@ -28,7 +28,13 @@ import torch
 from safetensors import safe_open
 from transformers import TrainerCallback
 
-from .modeling_sparse_moe import SparseMoERouter, router_probabilities, update_router_biases
+from .modeling_sparse_moe import (
+    SparseMoERouter,
+    _data_parallel_world,
+    _sum_over_ranks,
+    router_probabilities,
+    update_router_biases,
+)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -150,6 +156,33 @@ class RouterTelemetry:
         if dropped_TK is not None:
             stats.dropped += dropped_TK.sum()
 
+    def all_reduce(self) -> None:
+        """Sum the window's statistics over the ranks of the default process group, in one all-reduce, so that every
+        rank's `summary()` and `loads()` describe the whole data-parallel batch (as `update_router_biases` pools the
+        loads). Every rank must call it; a no-op in one process. Ranks that hold copies of the same batch (tensor /
+        expert parallel replicas) scale every sum alike: the fractions, imbalance, entropy, aux and z losses are
+        unchanged, the integer counts are multiplied by the number of copies."""
+        if _data_parallel_world() <= 1 or not self.stats:
+            return
+        layers = list(self.stats)
+        device = self.stats[layers[0]].counts_E.device
+        parts = []
+        for layer in layers:
+            stats = self.stats[layer]
+            scalars = torch.stack([stats.entropy_sum.double(), stats.z_sum.double(), stats.tokens.double(),
+                                   stats.dropped.double()])
+            parts.append(torch.cat([stats.counts_E.double(), stats.prob_sum_E.double(), scalars]).to(device))
+        # NOTE: float64 holds the integer counts exactly up to 2^53.
+        pooled = _sum_over_ranks(torch.cat(parts)).split([part.numel() for part in parts])
+        for layer, values in zip(layers, pooled):
+            stats = self.stats[layer]
+            num_experts = stats.counts_E.numel()
+            values = values.to(stats.counts_E.device)
+            stats.counts_E = values[:num_experts].round().long()
+            stats.prob_sum_E = values[num_experts : 2 * num_experts].float()
+            stats.entropy_sum, stats.z_sum = values[-4].float(), values[-3].float()
+            stats.tokens, stats.dropped = values[-2].round().long(), values[-1].round().long()
+
     def loads(self) -> dict[int, list[int]]:
         """Integer assignments per expert, per MoE layer, since the last reset."""
         return {layer: stats.counts_E.tolist() for layer, stats in self.stats.items()}
@@ -243,6 +276,7 @@ class RouterTelemetryCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.telemetry is None or logs is None or "loss" not in logs:
             return
+        self.telemetry.all_reduce()  # every rank logs the whole batch's routing (a no-op in one process)
         metrics = self.telemetry.summary(per_expert=self.per_expert)
         loads = self.telemetry.loads()
         self.telemetry.reset()

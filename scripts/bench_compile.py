@@ -6,8 +6,8 @@ in one run: training step, prefill and decode, each eager and compiled, plus com
     python scripts/bench_compile.py --quick    # 2 layers, small batches (a few minutes: mostly compiling)
     python scripts/bench_compile.py --measures train_step
 
-The full run took ~25 min on the shared 2-core VM (load average 10-18), most of it compiling: the training step
-took 45-140 s to compile per model there.
+The full run took 191 s on the idle 2-core VM with a cold inductor cache (89 s warm), and ~25 min when the VM's
+cores were shared with other test runs (load average 10-18).
 
 Compiled means `torch.compile(model, dynamic=False)` for the training step (forward + backward; the optimizer, fused
 AdamW as `Trainer` uses by default, stays eager, the same in both) and for prefill; decode is `generate(cache_implementation="static")` with a `CompileConfig` that lets
@@ -15,8 +15,8 @@ generate auto-compile its decode step on CPU too (`_compile_all_devices`), again
 cache. Compile time is the first compiled call's wall time minus an eager call's (after one small warm-up compile, so
 that inductor's start-up is not charged to the first model). Timed calls are interleaved over the four contestants of
 a measure (median of `--repeats`). On CPU in fp32, compiled Mixtral runs its experts through transformers'
-`grouped_mm_fallback` custom op (the compiler cannot trace `grouped_mm` outside bf16); ours through the static path of
-`moe_dispatch.py` (`sparse_moe::grouped_linear`). Writes JSON (default bench_results/bench_compile.json).
+`grouped_mm_fallback` custom op (the compiler cannot trace `grouped_mm` outside bf16); ours through the planned path's
+custom ops (`sparse_moe::planned_up` / `planned_down` / `planned_inference` in `moe_dispatch.py`). Writes JSON (default bench_results/bench_compile.json).
 """
 
 import argparse

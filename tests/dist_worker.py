@@ -30,7 +30,7 @@ import torch
 
 import modeling_sparse_moe  # noqa: F401  (registers the Auto classes)
 from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM, SparseMoERouter
-from modeling_sparse_moe.training import RouterBiasUpdateCallback
+from modeling_sparse_moe.training import RouterBiasUpdateCallback, RouterTelemetryCallback
 
 STEPS = 6
 GLOBAL_BATCH = 4
@@ -110,7 +110,8 @@ def device() -> torch.device:
 def run_trainer(model, output_dir, per_device_batch: int, average_tokens: bool = True, grad_accum: int = 1) -> dict:
     """`STEPS` optimizer steps of `Trainer` in data order (sequential sampler: rank r of N gets rows r*b..r*b+b-1 of
     every global micro-batch, which is exactly the single process's micro-batch of N*b). Returns the loss of every
-    micro-batch as Trainer computes it on this rank, and the router biases after training."""
+    micro-batch as Trainer computes it on this rank, the router biases after training, and the router telemetry of
+    the whole run (logged once, at the last step: per-layer expert loads and the imbalance)."""
     from transformers import Trainer, TrainingArguments
 
     class RecordingTrainer(Trainer):
@@ -127,15 +128,20 @@ def run_trainer(model, output_dir, per_device_batch: int, average_tokens: bool =
         learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         train_sampling_strategy="sequential", average_tokens_across_devices=average_tokens,
         use_cpu=device().type == "cpu",
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=STEPS, disable_tqdm=True, seed=0,
         dataloader_num_workers=0,
     )
+    telemetry = RouterTelemetryCallback(json_file=None)
     trainer = RecordingTrainer(
-        model=model, args=args, train_dataset=train_dataset(), callbacks=[RouterBiasUpdateCallback()]
+        model=model, args=args, train_dataset=train_dataset(), callbacks=[RouterBiasUpdateCallback(), telemetry]
     )
     trainer.losses = []
     trainer.train()
-    return {"losses": list(trainer.losses), "biases": router_biases(trainer.model), "trainer": trainer}
+    (logged,) = telemetry.history
+    return {
+        "losses": list(trainer.losses), "biases": router_biases(trainer.model), "trainer": trainer,
+        "telemetry": {"counts": logged["counts"], "load_imbalance": logged["load_imbalance"]},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- scenarios
