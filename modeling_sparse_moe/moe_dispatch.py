@@ -630,26 +630,27 @@ def _grouped_linear_backward(ctx, grad_AO):
     return (grad_a if need_a else None), (grad_w if need_w else None), None
 
 
-# NOTE: a model saved to the Hub imports its own copy of this file next to the installed package's: the op is
-# defined once per process (the copies are the same code).
-if not hasattr(torch.ops.sparse_moe, "grouped_linear"):
-    torch.library.custom_op(
-        "sparse_moe::grouped_linear",
-        _grouped_linear_kernel,
-        mutates_args=(),
-        schema="(Tensor a, Tensor w, Tensor offsets) -> Tensor",
-    )
-    torch.library.register_fake("sparse_moe::grouped_linear", _grouped_linear_fake)
-    torch.library.register_autograd(
-        "sparse_moe::grouped_linear", _grouped_linear_backward, setup_context=_grouped_linear_setup_context
-    )
-    torch.library.custom_op(
-        "sparse_moe::grouped_linear_backward",
-        _grouped_linear_backward_kernel,
-        mutates_args=(),
-        schema="(Tensor grad, Tensor a, Tensor w, Tensor offsets, bool need_a, bool need_w) -> (Tensor, Tensor)",
-    )
-    torch.library.register_fake("sparse_moe::grouped_linear_backward", _grouped_linear_backward_fake)
+def _define_op(name: str, kernel, schema: str, fake, backward=None, setup_context=None) -> None:
+    """Register `sparse_moe::<name>` with its fake (and autograd formula). NOTE: a model saved to the Hub imports its
+    own copy of this file next to the installed package's: each op is defined once per process (the copies are the
+    same code)."""
+    if hasattr(torch.ops.sparse_moe, name):
+        return
+    torch.library.custom_op(f"sparse_moe::{name}", kernel, mutates_args=(), schema=schema)
+    torch.library.register_fake(f"sparse_moe::{name}", fake)
+    if backward is not None:
+        torch.library.register_autograd(f"sparse_moe::{name}", backward, setup_context=setup_context)
+
+
+_define_op(
+    "grouped_linear", _grouped_linear_kernel, "(Tensor a, Tensor w, Tensor offsets) -> Tensor", _grouped_linear_fake,
+    _grouped_linear_backward, _grouped_linear_setup_context,
+)
+_define_op(
+    "grouped_linear_backward", _grouped_linear_backward_kernel,
+    "(Tensor grad, Tensor a, Tensor w, Tensor offsets, bool need_a, bool need_w) -> (Tensor, Tensor)",
+    _grouped_linear_backward_fake,
+)
 
 
 # ------------------------------------------------------------------------- planned path as custom ops (CPU, compiled)
@@ -749,38 +750,36 @@ def _empty_unless(needed: bool, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(like.shape) if needed else like.new_empty(0)
 
 
-_PLANNED_OPS = (
-    # name, kernel, schema, fake
-    ("planned_up", _planned_up_kernel, "(Tensor x, Tensor top_k_index, Tensor gate_up) -> Tensor",
-     lambda x, index, gate_up: x.new_empty(index.numel(), gate_up.shape[1])),
-    ("planned_down", _planned_down_kernel,
-     "(Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down) -> Tensor",
-     lambda h, weights, index, down: h.new_empty(index.shape[0], down.shape[1])),
-    ("planned_down_backward", _planned_down_backward_kernel,
-     "(Tensor grad, Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down, bool need_weights, "
-     "bool need_down, bool need_h) -> (Tensor, Tensor, Tensor)",
-     lambda grad, h, weights, index, down, nw, nd, nh: (
-         _empty_unless(nw, weights), _empty_unless(nd, down), _empty_unless(nh, h))),
-    ("planned_up_backward", _planned_up_backward_kernel,
-     "(Tensor grad_h, Tensor x, Tensor top_k_index, Tensor gate_up, bool need_x, bool need_gate_up) -> "
-     "(Tensor, Tensor)",
-     lambda grad_h, x, index, gate_up, nx, nw: (_empty_unless(nx, x), _empty_unless(nw, gate_up))),
-    ("planned_inference", _planned_inference_kernel,
-     "(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor down) -> Tensor",
-     lambda x, index, weights, gate_up, down: x.new_empty(x.shape)),
+_define_op(
+    "planned_up", _planned_up_kernel, "(Tensor x, Tensor top_k_index, Tensor gate_up) -> Tensor",
+    lambda x, index, gate_up: x.new_empty(index.numel(), gate_up.shape[1]),
+    _planned_up_backward, _planned_up_setup_context,
 )
-for _name, _kernel, _schema, _fake in _PLANNED_OPS:
-    if not hasattr(torch.ops.sparse_moe, _name):  # see the NOTE above `grouped_linear`'s registration
-        torch.library.custom_op(f"sparse_moe::{_name}", _kernel, mutates_args=(), schema=_schema)
-        torch.library.register_fake(f"sparse_moe::{_name}", _fake)
-        if _name == "planned_up":
-            torch.library.register_autograd(
-                "sparse_moe::planned_up", _planned_up_backward, setup_context=_planned_up_setup_context
-            )
-        elif _name == "planned_down":
-            torch.library.register_autograd(
-                "sparse_moe::planned_down", _planned_down_backward, setup_context=_planned_down_setup_context
-            )
+_define_op(
+    "planned_down", _planned_down_kernel, "(Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down) -> Tensor",
+    lambda h, weights, index, down: h.new_empty(index.shape[0], down.shape[1]),
+    _planned_down_backward, _planned_down_setup_context,
+)
+_define_op(
+    "planned_down_backward", _planned_down_backward_kernel,
+    "(Tensor grad, Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down, bool need_weights, "
+    "bool need_down, bool need_h) -> (Tensor, Tensor, Tensor)",
+    lambda grad, h, weights, index, down, need_weights, need_down, need_h: (
+        _empty_unless(need_weights, weights), _empty_unless(need_down, down), _empty_unless(need_h, h)
+    ),
+)
+_define_op(
+    "planned_up_backward", _planned_up_backward_kernel,
+    "(Tensor grad_h, Tensor x, Tensor top_k_index, Tensor gate_up, bool need_x, bool need_gate_up) -> (Tensor, Tensor)",
+    lambda grad_h, x, index, gate_up, need_x, need_gate_up: (
+        _empty_unless(need_x, x), _empty_unless(need_gate_up, gate_up)
+    ),
+)
+_define_op(
+    "planned_inference", _planned_inference_kernel,
+    "(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor down) -> Tensor",
+    lambda x, index, weights, gate_up, down: x.new_empty(x.shape),
+)
 
 
 def planned_ops_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, down_EDF) -> torch.Tensor:

@@ -10,17 +10,18 @@ The full run took 191 s on the idle 2-core VM with a cold inductor cache (89 s w
 cores were shared with other test runs (load average 10-18).
 
 Compiled means `torch.compile(model, dynamic=False)` for the training step (forward + backward; the optimizer, fused
-AdamW as `Trainer` uses by default, stays eager, the same in both) and for prefill; decode is `generate(cache_implementation="static")` with a `CompileConfig` that lets
-generate auto-compile its decode step on CPU too (`_compile_all_devices`), against eager `generate()` with the dynamic
+AdamW as `Trainer` uses by default, stays eager, the same in both) and for prefill; decode is
+`generate(cache_implementation="static")` with a `CompileConfig` that lets generate auto-compile its decode step on
+CPU too (`_compile_all_devices`), against eager `generate()` with the dynamic
 cache. Compile time is the first compiled call's wall time minus an eager call's (after one small warm-up compile, so
 that inductor's start-up is not charged to the first model). Timed calls are interleaved over the four contestants of
 a measure (median of `--repeats`). On CPU in fp32, compiled Mixtral runs its experts through transformers'
 `grouped_mm_fallback` custom op (the compiler cannot trace `grouped_mm` outside bf16); ours through the planned path's
-custom ops (`sparse_moe::planned_up` / `planned_down` / `planned_inference` in `moe_dispatch.py`). Writes JSON (default bench_results/bench_compile.json).
+custom ops (`sparse_moe::planned_up` / `planned_down` / `planned_inference` in `moe_dispatch.py`). Writes JSON
+(default bench_results/bench_compile.json).
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,8 @@ from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_model import DTYPES, MODEL, QUICK_MODEL, build_models, check_same_logits  # noqa: E402
-from bench_moe import machine_info, synchronize, time_interleaved  # noqa: E402
+from bench_model import DTYPES, MODEL, QUICK_MODEL, build_models, check_same_logits, run_and_report  # noqa: E402
+from bench_moe import synchronize, time_interleaved  # noqa: E402
 
 
 MODELS = ("ours", "mixtral")
@@ -184,15 +185,7 @@ def main(argv=None) -> dict:
     # than dynamo's default limit of 8 once both models share transformers' wrappers; never fall back to eager here.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 512
-    start = time.perf_counter()
-    report = run(args)
-    print_table(report, args)
-    report.update(args=vars(args), machine=machine_info(args.device), wall_s=time.perf_counter() - start)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out} ({report['wall_s']:.0f} s)")
-    return report
+    return run_and_report(args, run, print_table)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,11 @@ def main(argv=None) -> dict:
         print(json.dumps(rss_worker(args)))
         return {}
     torch.set_num_threads(args.threads)
+    return run_and_report(args, run, print_table)
+
+
+def run_and_report(args, run, print_table) -> dict:
+    """`run(args)` -> report; print its table, add the arguments, the machine and the wall time, write `args.json`."""
     start = time.perf_counter()
     report = run(args)
     print_table(report, args)

@@ -1,7 +1,8 @@
 """The benchmark and GPU-check scripts run as a user runs them, at tiny sizes. Timings are not judged here (they
 belong to the scripts' own reports); what is exact is: identical logits for identical weights, the dense baseline's
-ratio of 1, every cell present, a training step's peak memory holding at least the experts' weight gradients, and
-the correctness checks of `gpu_check.py` passing on its CPU dry run."""
+ratio of 1, every cell present, a training step's peak memory holding at least the experts' weight gradients, the
+compiled benchmark timing its four contestants, and the correctness checks of `gpu_check.py` passing on its CPU dry
+run."""
 
 import json
 import subprocess
@@ -55,6 +56,18 @@ def test_bench_model_same_logits_and_breakdown(tmp_path):
             assert results[measure][model]["tokens_per_s"] > 0
         assert all(results["train_breakdown_ms"][model][part] > 0 for part in ("forward", "backward", "optimizer"))
         assert 0 < results["moe_share_of_decode"][model] < 1
+
+
+def test_bench_compile_runs_every_contestant(tmp_path):
+    """The compiled benchmark's smoke size, prefill only (two compiles): same logits, the four contestants timed."""
+    out = tmp_path / "compile.json"
+    run_script("bench_compile.py", "--quick", "--measures", "prefill", "--repeats", "1", "--json", str(out), cwd=tmp_path)
+    report = json.loads(out.read_text())
+    assert report["max_logit_diff"] <= 1e-5  # same weights, separately allocated (see the test above)
+    prefill = report["results"]["prefill"]
+    assert set(prefill) == {"ours_eager", "ours_compiled", "mixtral_eager", "mixtral_compiled"}
+    assert all(prefill[name]["tokens_per_s"] > 0 for name in prefill)
+    assert all(prefill[name]["compile_s"] >= 0 for name in ("ours_compiled", "mixtral_compiled"))
 
 
 def test_gpu_check_cpu_dry_run_passes(tmp_path):
