@@ -101,6 +101,29 @@ def test_static_path_bf16_as_accurate_as_eager(kernel, monkeypatch):
         assert_as_accurate_as(o, e, x, name)
 
 
+@pytest.mark.parametrize("drop_fraction", [0.0, 0.3])
+def test_static_path_bf16_compiled_as_accurate_as_eager(drop_fraction, monkeypatch):
+    """What a GPU compiles: the static path in bf16, `F.grouped_mm` traced into the graph (no custom op), forward and
+    every gradient held to the eager loop's own bf16 error against fp32 (routing is an input here, so no near-tie in
+    the router can flip between the two)."""
+    experts = make_experts(torch.bfloat16, ffn=16)
+    force_static(monkeypatch)
+    index_TK, weights_TK = random_routing(33, idle=(0,), drop_fraction=drop_fraction, seed=11)
+    x_TD = torch.randn(33, HIDDEN).to(torch.bfloat16)
+    grad_TD = torch.randn_like(x_TD)
+    eager = run(experts, "eager", x_TD, index_TK, weights_TK, grad_TD)
+    exact = run(copy.deepcopy(experts).float(), "eager", x_TD.float(), index_TK, weights_TK, grad_TD.float())
+    experts.config._experts_implementation = SPARSE_MOE_EXPERTS
+    experts.zero_grad(set_to_none=True)
+    x_leaf, weights_leaf = x_TD.clone().requires_grad_(True), weights_TK.clone().requires_grad_(True)
+    out_TD = torch.compile(experts, fullgraph=True)(x_leaf, index_TK, weights_leaf)
+    out_TD.backward(grad_TD)
+    compiled = (out_TD.detach(), x_leaf.grad, weights_leaf.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+    for name, c, e, x in zip(("output", "grad x", "grad weights", "grad gate_up", "grad down"), compiled, eager, exact):
+        assert c.dtype == e.dtype, name
+        assert_as_accurate_as(c, e, x, name)
+
+
 def test_grouped_linear_custom_op_passes_opcheck():
     a_AI = torch.randn(10, 8, requires_grad=True)
     w_EOI = torch.randn(4, 6, 8, requires_grad=True)
