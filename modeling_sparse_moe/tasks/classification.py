@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from ..training import RouterBiasUpdateCallback
 from . import common
 from .data import sentiment_dataset
-from .peft_utils import apply_lora, check_qlora_available
+from .peft_utils import apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +75,9 @@ def _text_columns(ds, data_args, where: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns accuracy/F1 before and after training, output paths and the trained `model`."""
-    model_args, data_args, lora_args, training_args = common.parse_args(
-        (common.ModelArguments, ClassificationDataArguments, common.LoraArguments, TrainingArguments), argv
+    model_args, data_args, lora_args, training_args, last_checkpoint = common.start_recipe(
+        ClassificationDataArguments, TrainingArguments, argv
     )
-    common.setup_logging(training_args)
-    last_checkpoint = common.check_output_dir(training_args)
-    common.seed_everything(training_args.seed)
-    if lora_args.load_in_4bit:
-        check_qlora_available()
     raw = common.load_raw_datasets(data_args, model_args, sentiment_dataset)
     if "validation" not in raw and "test" in raw and data_args.dataset_name:
         raw["validation"] = raw["test"]  # imdb has train/test only

@@ -104,6 +104,23 @@ def parse_args(dataclass_types, argv: list[str] | None):
     return parsed
 
 
+def start_recipe(data_arguments, training_arguments, argv: list[str] | None):
+    """The start every recipe shares with the HF example scripts: parse (model, data, LoRA, training) arguments, set up
+    logging, apply the output-dir rule (`check_output_dir`), seed, refuse QLoRA without its requirements. Returns
+    `(model_args, data_args, lora_args, training_args, last_checkpoint)`."""
+    model_args, data_args, lora_args, training_args = parse_args(
+        (ModelArguments, data_arguments, LoraArguments, training_arguments), argv
+    )
+    setup_logging(training_args)
+    last_checkpoint = check_output_dir(training_args)
+    seed_everything(training_args.seed)
+    if lora_args.load_in_4bit:
+        from .peft_utils import check_qlora_available
+
+        check_qlora_available()
+    return model_args, data_args, lora_args, training_args, last_checkpoint
+
+
 def setup_logging(training_args) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO

@@ -29,7 +29,7 @@ from . import common
 from .data import country_qa_dataset
 from .generation import CompletionCollator, encode_pair, generate_completions
 from .metrics import squad_scores
-from .peft_utils import apply_lora, check_qlora_available
+from .peft_utils import apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -206,14 +206,9 @@ def _examples(predictions, examples, n):
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns EM/F1 before and after training (on the validation split), example answers, output
     paths and the trained `model` / `tokenizer`. `argv` as on the command line (None: sys.argv)."""
-    model_args, data_args, lora_args, training_args = common.parse_args(
-        (common.ModelArguments, QADataArguments, common.LoraArguments, TrainingArguments), argv
+    model_args, data_args, lora_args, training_args, last_checkpoint = common.start_recipe(
+        QADataArguments, TrainingArguments, argv
     )
-    common.setup_logging(training_args)
-    last_checkpoint = common.check_output_dir(training_args)
-    common.seed_everything(training_args.seed)
-    if lora_args.load_in_4bit:
-        check_qlora_available()
 
     raw = common.load_raw_datasets(
         data_args, model_args, lambda: country_qa_dataset(with_negatives=data_args.version_2_with_negative)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from . import common
 from .data import country_qa_dataset
-from .peft_utils import check_qlora_available, lora_config
+from .peft_utils import lora_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available() and not any(a.startswith("--bf16") for a in argv):
         # NOTE: TRL's SFTConfig defaults to bf16=True, which TrainingArguments refuses without a GPU.
         argv += ["--bf16", "false"]
-    model_args, data_args, lora_args, training_args = common.parse_args(
-        (common.ModelArguments, SFTDataArguments, common.LoraArguments, SFTConfig), argv
+    model_args, data_args, lora_args, training_args, last_checkpoint = common.start_recipe(
+        SFTDataArguments, SFTConfig, argv
     )
-    common.setup_logging(training_args)
-    last_checkpoint = common.check_output_dir(training_args)
-    common.seed_everything(training_args.seed)
-    if lora_args.load_in_4bit:
-        check_qlora_available()
     raw = common.load_raw_datasets(data_args, model_args, country_chat_dataset)
     for split, cap in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if split in raw:

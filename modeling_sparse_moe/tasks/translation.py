@@ -27,7 +27,7 @@ from . import common
 from .data import bible_translation_dataset, country_name_pairs, texts_of
 from .generation import CompletionCollator, encode_pair, generate_completions
 from .metrics import bleu_chrf
-from .peft_utils import adapter_report, apply_lora, check_qlora_available
+from .peft_utils import adapter_report, apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,9 @@ def translate_and_score(model, tokenizer, ds, data_args, num_beams: int, max_new
 def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns the metrics (before/after BLEU and chrF when generating), example translations,
     output paths, and the trained `model` and `tokenizer` objects. `argv` as on the command line (None: sys.argv)."""
-    model_args, data_args, lora_args, training_args = common.parse_args(
-        (common.ModelArguments, TranslationDataArguments, common.LoraArguments, Seq2SeqTrainingArguments), argv
+    model_args, data_args, lora_args, training_args, last_checkpoint = common.start_recipe(
+        TranslationDataArguments, Seq2SeqTrainingArguments, argv
     )
-    common.setup_logging(training_args)
-    last_checkpoint = common.check_output_dir(training_args)
-    common.seed_everything(training_args.seed)
-    if lora_args.load_in_4bit:
-        check_qlora_available()
 
     raw = common.load_raw_datasets(data_args, model_args, lambda: offline_translation_dataset(data_args))
     splits = {"train": training_args.do_train, "validation": training_args.do_eval, "test": training_args.do_predict}
