@@ -837,6 +837,37 @@ def static_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, 
     return weighted_AD[inverse_A].view(num_tokens, top_k, -1).sum(dim=1)  # fixed-order fp32 sum; caller casts
 
 
+def gathered_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD, down_EDF, act_fn) -> torch.Tensor:
+    """Few assignments under `torch.compile` on CPU, inference (decode): every assignment's expert is applied as an
+    elementwise product with the indexed weight, summed over the input dimension. Written in plain tensor ops for
+    inductor, which fuses the indexing, product and sum of each projection into one loop nest reading the chosen
+    expert's rows in place: no gathered copy, no GEMM call, no custom op, no sort. Eager would materialise
+    `gate_up_EHD[index]`, so only compiled graphs take this path. Dropped assignments (index E) read expert E-1 and
+    are given weight 0. Returns (T, D) fp32, the K slots summed in a fixed order as the eager reference does."""
+    num_tokens, top_k = top_k_index_TK.shape
+    num_experts, hidden, ffn_dim = down_EDF.shape
+    experts_A = top_k_index_TK.reshape(-1)
+    kept_A = experts_A < num_experts
+    experts_A = experts_A.clamp(max=num_experts - 1)
+    x_AD = x_TD.unsqueeze(1).expand(num_tokens, top_k, hidden).reshape(-1, hidden)
+    h_AH = (gate_up_EHD[experts_A] * x_AD.unsqueeze(1)).sum(dim=-1)
+    g_AF = _activation(act_fn, h_AH[:, :ffn_dim]) * h_AH[:, ffn_dim:]
+    y_AD = (down_EDF[experts_A] * g_AF.unsqueeze(1)).sum(dim=-1)
+    weights_A = torch.where(kept_A, top_k_weights_TK.reshape(-1).float(), 0.0)
+    return (y_AD.float() * weights_A.unsqueeze(-1)).view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def _use_gathered_path(x_TD: torch.Tensor, top_k_index_TK: torch.Tensor, num_experts: int, *tensors) -> bool:
+    """Compiling on CPU, no gradient, and no more assignments than experts (decode of up to E / K sequences).
+    NOTE: measured on CPU (AMD EPYC, fp32, hidden 512, 8 experts x 1408, compiled experts alone): 1 token 0.37 ms
+    against 1.8-2.1 ms for the planned op (MKL's matrix-vector products), 4 tokens 2.8 vs 6.5 ms, 16 tokens 10.0 vs
+    11.6 ms, 32 tokens 19.1 vs 13.0 ms: it reads one expert per assignment, where grouped GEMMs read each busy expert
+    once, so it stops at T*K <= E."""
+    if not torch.compiler.is_compiling() or x_TD.device.type != "cpu" or top_k_index_TK.numel() > num_experts:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, *tensors)))
+
+
 def _use_static_path(device: torch.device, act_fn=None) -> bool:
     """Static path on accelerators, and under `torch.compile` unless the planned ops can run (CPU, SiLU experts);
     the planned path otherwise (see the module docstring)."""
@@ -868,6 +899,10 @@ def sparse_moe_experts_forward(
         return hidden_states.new_zeros(hidden_states.shape)
 
     # NOTE: entering `torch.autocast(enabled=False)` costs ~7 us, a few percent of a decode step's experts call.
+    if _use_gathered_path(x_TD, top_k_index, self.num_experts, top_k_weights, gate_up_EHD, down_EDF):
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            out_TD = gathered_experts_forward(x_TD, top_k_index, top_k_weights, gate_up_EHD, down_EDF, self.act_fn)
+        return out_TD.to(hidden_states.dtype)
     if _use_static_path(x_TD.device, self.act_fn):
         with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             out_TD = static_experts_forward(x_TD, top_k_index, top_k_weights, gate_up_EHD, down_EDF, self.act_fn)
@@ -891,6 +926,7 @@ ExpertsInterface.register(SPARSE_MOE_EXPERTS, sparse_moe_experts_forward)
 __all__ = [
     "SPARSE_MOE_EXPERTS",
     "DispatchPlan",
+    "gathered_experts_forward",
     "plan_dispatch",
     "planned_ops_experts_forward",
     "sparse_moe_experts_forward",
