@@ -7,7 +7,8 @@ Hub-facing file: it is copied next to `config.json` and must import only torch, 
 Shape legend: T tokens, K experts per token, A = T*K assignments, N assignments actually computed (A minus the
 dropped ones), E experts, D hidden, F expert hidden. `x_TD` is a (T, D) tensor; `w_EFD` an (E, F, D) weight.
 
-Three ways to run; `sparse_moe_experts_forward` chooses (with `_use_static_path`), for these reasons:
+Four ways to run; `sparse_moe_experts_forward` chooses (with `_use_gathered_path` and `_use_static_path`), for these
+reasons:
   - Planned (eager on CPU, steps 1-4 below): reads the per-expert counts back to the host once per call and then runs
     only what exists: no GEMM work or buffer rows for dropped assignments, experts with rows only, the decode plan
     without a sort, long segments expert by expert. On CPU the "host read" is free (host and device are one), and
@@ -18,6 +19,10 @@ Three ways to run; `sparse_moe_experts_forward` chooses (with `_use_static_path`
     around the experts. On CPU the static path's kernels took 1.13x these kernels' time for the experts' forward +
     backward (fp32, 512 tokens, shape of scripts/bench_model.py), and its decode step paid for `grouped_mm`'s empty
     groups.
+  - Gathered (`gathered_experts_forward`: under `torch.compile` on CPU, no gradient, T*K <= E, i.e. decode): each
+    assignment's expert weights indexed and multiplied in plain tensor ops, which inductor fuses into one loop nest per
+    projection; on the project's AMD EPYC VM it streamed the weights about twice as fast as the BLAS matrix-vector
+    products, and it needs no custom op (figures in `_use_gathered_path`).
   - Static (`static_experts_forward`: on every accelerator, and under `torch.compile` where the planned ops cannot
     run): every shape is a function of T, K, E, D, F and nothing is read back to the host. A host read costs a GPU a
     pipeline stall per MoE layer per step, rules out CUDA graphs, and under `torch.compile` a data-dependent shape
