@@ -69,12 +69,13 @@ def static_path(force: bool):
     if not force:
         yield
         return
-    saved = moe_dispatch._use_static_path
+    saved = moe_dispatch._use_static_path, moe_dispatch._use_gathered_path
     moe_dispatch._use_static_path = lambda device, act_fn=None: True
+    moe_dispatch._use_gathered_path = lambda *args: False  # CPU-only decode path: not what a GPU runs
     try:
         yield
     finally:
-        moe_dispatch._use_static_path = saved
+        moe_dispatch._use_static_path, moe_dispatch._use_gathered_path = saved
 
 
 def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:

@@ -45,6 +45,7 @@ def force_static(monkeypatch, kernel: str = "grouped_mm") -> None:
     """Run the static path in eager on CPU (what accelerators and compiled graphs run). `kernel="mm_loop"`: the custom
     op's per-expert fallback (devices or dtypes without a grouped kernel)."""
     monkeypatch.setattr(moe_dispatch, "_use_static_path", lambda device, act_fn=None: True)
+    monkeypatch.setattr(moe_dispatch, "_use_gathered_path", lambda *args: False)
     if kernel == "mm_loop":
         monkeypatch.setattr(moe_dispatch, "_grouped_mm_usable", lambda a, w: False)
         monkeypatch.setattr(moe_dispatch, "_native_grouped_mm", lambda a: False)
