@@ -697,9 +697,10 @@ def _planned_down_backward_kernel(grad_TD, h_AH, top_k_weights_TK, top_k_index_T
     grad_weights_TK, grad_down_EDF, (grad_h_NH,) = _down_backward(
         grad_TD, top_k_weights_TK, down_EDF, (h_AH[: plan.num_rows],), _SILU, plan, need_weights, need_down, need_h
     )
+    # NOTE: `.contiguous()`: the gradients follow a strided weight's layout (`empty_like`), the fakes are contiguous
     return (
         grad_weights_TK if need_weights else top_k_weights_TK.new_empty(0),
-        grad_down_EDF if need_down else down_EDF.new_empty(0),
+        grad_down_EDF.contiguous() if need_down else down_EDF.new_empty(0),
         _pad_rows(grad_h_NH, h_AH.shape[0]) if need_h else h_AH.new_empty(0),
     )
 
@@ -710,8 +711,8 @@ def _planned_up_backward_kernel(grad_h_AH, x_TD, top_k_index_TK, gate_up_EHD, ne
         (grad_h_AH[: plan.num_rows],), x_TD, gate_up_EHD, plan, need_x, need_gate_up
     )
     return (
-        grad_x_TD if need_x else x_TD.new_empty(0),
-        grad_gate_up_EHD if need_gate_up else gate_up_EHD.new_empty(0),
+        grad_x_TD.contiguous() if need_x else x_TD.new_empty(0),
+        grad_gate_up_EHD.contiguous() if need_gate_up else gate_up_EHD.new_empty(0),
     )
 
 
@@ -752,6 +753,7 @@ def _planned_down_backward(ctx, grad_TD):
 
 
 def _empty_unless(needed: bool, like: torch.Tensor) -> torch.Tensor:
+    """A fake output: contiguous, `like`'s shape (the kernels make theirs contiguous too), or empty when not needed."""
     return like.new_empty(like.shape) if needed else like.new_empty(0)
 
 
@@ -848,7 +850,7 @@ def gathered_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD
     inductor, which fuses the indexing, product and sum of each projection into one loop nest reading the chosen
     expert's rows in place: no gathered copy, no GEMM call, no custom op, no sort. Eager would materialise
     `gate_up_EHD[index]`, so only compiled graphs take this path. Dropped assignments (index E) read expert E-1 and
-    are given weight 0. Returns (T, D) fp32, the K slots summed in a fixed order as the eager reference does."""
+    are masked out. Returns (T, D) fp32, the K slots summed in a fixed order as the eager reference does."""
     num_tokens, top_k = top_k_index_TK.shape
     num_experts, hidden, ffn_dim = down_EDF.shape
     experts_A = top_k_index_TK.reshape(-1)
@@ -858,8 +860,9 @@ def gathered_experts_forward(x_TD, top_k_index_TK, top_k_weights_TK, gate_up_EHD
     h_AH = (gate_up_EHD[experts_A] * x_AD.unsqueeze(1)).sum(dim=-1)
     g_AF = _activation(act_fn, h_AH[:, :ffn_dim]) * h_AH[:, ffn_dim:]
     y_AD = (down_EDF[experts_A] * g_AF.unsqueeze(1)).sum(dim=-1)
-    weights_A = torch.where(kept_A, top_k_weights_TK.reshape(-1).float(), 0.0)
-    return (y_AD.float() * weights_A.unsqueeze(-1)).view(num_tokens, top_k, hidden).sum(dim=1)
+    # `where`, not a zero weight: a dropped slot's stand-in product must not leak an inf or NaN (0 * inf = NaN)
+    weighted_AD = torch.where(kept_A.unsqueeze(-1), y_AD.float() * top_k_weights_TK.reshape(-1, 1).float(), 0.0)
+    return weighted_AD.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
 def _use_gathered_path(x_TD: torch.Tensor, top_k_index_TK: torch.Tensor, num_experts: int, *tensors) -> bool:
