@@ -21,7 +21,6 @@ custom ops (`sparse_moe::planned_up` / `planned_down` / `planned_inference` in `
 (default bench_results/bench_compile.json).
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,10 @@ from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_model import DTYPES, MODEL, QUICK_MODEL, build_models, check_same_logits, run_and_report  # noqa: E402
+from bench_model import (  # noqa: E402
+    DTYPES, MODEL, QUICK_MODEL, build_models, check_same_logits, generate_fn, parse_workload,
+    run_and_report, workload_parser,
+)
 from bench_moe import synchronize, time_interleaved  # noqa: E402
 
 
@@ -67,19 +69,11 @@ def prefill(model, ids, compiled: bool):
 
 
 def decode(model, ids, new_tokens: int, compiled: bool):
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if compiled:
-        compile_config = CompileConfig(dynamic=False)
-        compile_config._compile_all_devices = True  # what generate does on its own on CUDA
-        kwargs.update(cache_implementation="static", compile_config=compile_config)
-
-    def step():
-        model.eval()
-        with torch.no_grad():
-            out = model.generate(ids, **kwargs)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-
-    return step
+    if not compiled:
+        return generate_fn(model, ids, new_tokens)
+    compile_config = CompileConfig(dynamic=False)
+    compile_config._compile_all_devices = True  # what generate does on its own on CUDA
+    return generate_fn(model, ids, new_tokens, cache_implementation="static", compile_config=compile_config)
 
 
 def _warm_up_compiler(device: str) -> None:
@@ -158,24 +152,11 @@ def print_table(report: dict, args) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = workload_parser(
+        __doc__, repeats=7, json_file="bench_results/bench_compile.json", quick_help="2 layers, small batches, 2 repeats"
+    )
     parser.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
-    parser.add_argument("--json", default="bench_results/bench_compile.json")
-    parser.add_argument("--quick", action="store_true", help="2 layers, small batches, 2 repeats")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.seq, args.prefill, args.new_tokens, args.repeats = 1, 64, 64, 8, 2
-    return args
+    return parse_workload(parser, argv)
 
 
 def main(argv=None) -> dict:

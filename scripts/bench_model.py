@@ -117,8 +117,10 @@ def prefill_fn(model, ids: torch.Tensor):
     return step
 
 
-def generate_fn(model, ids: torch.Tensor, new_tokens: int):
+def generate_fn(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs):
+    """Greedy `generate()` of exactly `new_tokens` tokens (`generate_kwargs`: e.g. the cache and compile config)."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    kwargs.update(generate_kwargs)
 
     def step():
         model.eval()
@@ -307,27 +309,42 @@ def print_table(report: dict, args) -> None:
           f"'{args.mixtral_experts}', median of {args.repeats}")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(description: str, repeats: int, json_file: str, quick_help: str) -> argparse.ArgumentParser:
+    """The flags the whole-model benchmarks share (dtype, device, threads, batch shapes, repeats, seed, JSON,
+    `--quick`); parse with `parse_workload`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--mixtral-experts", default="grouped_mm", help="Mixtral's experts_implementation")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-    parser.add_argument("--json", default="bench_results/bench_model.json")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers of width 256, small batches, 2 repeats")
-    parser.add_argument("--rss-worker", choices=["ours", "mixtral"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=json_file)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return parser
+
+
+def parse_workload(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse; `--quick` shrinks the batches and repeats to a smoke run."""
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq, args.prefill, args.new_tokens, args.repeats = 1, 64, 64, 8, 2
     return args
+
+
+def parse_args(argv=None):
+    parser = workload_parser(
+        __doc__, repeats=9, json_file="bench_results/bench_model.json",
+        quick_help="smoke run: 2 layers of width 256, small batches, 2 repeats",
+    )
+    parser.add_argument("--mixtral-experts", default="grouped_mm", help="Mixtral's experts_implementation")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument("--rss-worker", choices=["ours", "mixtral"], help=argparse.SUPPRESS)
+    return parse_workload(parser, argv)
 
 
 def main(argv=None) -> dict:
