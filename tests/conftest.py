@@ -77,3 +77,14 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     alignment sum in different orders, which moves fp32 results by a few ulps per layer. torch's fp32 defaults
     (rtol 1.3e-6, atol 1e-5) cover that for the tiny models here; a wrong weight or mapping is off by far more."""
     torch.testing.assert_close(actual, expected, rtol=1.3e-6, atol=1e-5)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Engine checks build llama.cpp and install vLLM into their own environments (tens of minutes, network to the
+    package registries): the default run skips them; `SPARSE_MOE_ENGINE_CHECKS=1 python -m pytest -m engines` runs them."""
+    if os.environ.get("SPARSE_MOE_ENGINE_CHECKS") == "1":
+        return
+    skip = pytest.mark.skip(reason="engine check: set SPARSE_MOE_ENGINE_CHECKS=1 to run")
+    for item in items:
+        if "engines" in item.keywords:
+            item.add_marker(skip)
