@@ -1,4 +1,4 @@
-"""The model configs in the repository's `configs/` folder, by name, from any working directory.
+"""The shipped model configs, by name, from any working directory and from an installed wheel.
 
     from transformers import AutoConfig
     from modeling_sparse_moe.configs import config_path
@@ -7,13 +7,17 @@
 
 `AutoConfig.from_pretrained("configs/tiny")` reads a path relative to the current folder, and anywhere but the
 repository root transformers takes it for a Hub repository name and fails with a connection error.
+
+The configs live inside the package (`modeling_sparse_moe/model_configs/`, package data, so a wheel carries them);
+the repository's top-level `configs/` is a link to that folder, so `--config_name configs/tiny` and
+`accelerate launch --config_file configs/accelerate/ddp.yaml` keep working in a source checkout.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
 def available_configs() -> list[str]:
@@ -30,8 +34,8 @@ def config_path(name: str) -> str:
         return str(folder)
     if not CONFIGS_DIR.is_dir():
         raise FileNotFoundError(
-            f"No configs/ folder next to the package ({CONFIGS_DIR}): the model configs ship with the source "
-            "checkout (git clone + pip install -e .). Pass a folder holding a config.json instead."
+            f"The package's model configs are missing ({CONFIGS_DIR}): reinstall sparse-moe, or pass a folder "
+            "holding a config.json instead."
         )
     raise ValueError(f"Unknown model config {name!r}; shipped configs: {', '.join(available_configs())}.")
 
@@ -41,10 +45,9 @@ def resolve_config_name(name: str) -> str:
     an existing folder path / a Hub name, left as given."""
     if Path(name).exists():
         return name
-    for candidate in (CONFIGS_DIR / name, CONFIGS_DIR.parent / name):
-        if "/" not in name or candidate.parent.resolve() == CONFIGS_DIR.resolve():
-            if (candidate / "config.json").is_file():
-                return str(candidate)
+    short = name.removeprefix("configs/")  # the repository's top-level spelling
+    if "/" not in short and (CONFIGS_DIR / short / "config.json").is_file():
+        return str(CONFIGS_DIR / short)
     return name
 
 
