@@ -10,6 +10,8 @@ Reference numerics: transformers' Mixtral / Qwen3-MoE / DeepSeek-V3. Routing run
 the K expert outputs of a token is a fixed-order sum (deterministic on every device).
 """
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +43,42 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs,
 
 from .configuration_sparse_moe import SparseMoEConfig
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
+
+
+# ----------------------------------------------------------------------------------- transformers 5.x compatibility
+# NOTE: a Hub folder runs on the transformers its user or engine has, not ours: vLLM pins 5.16-5.19. transformers 5.24
+# renamed `past_key_values` to `cache` in the mask builders and the model outputs (generate() and the layers' keyword
+# are bridged by `deprecate_kwarg` below). Both spellings are detected here, once; the floor is pyproject's.
+def _cache_kwarg(parameters) -> str:
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+_MASK_CACHE_KWARG = _cache_kwarg(inspect.signature(create_causal_mask).parameters)
+_OUTPUT_CACHE_FIELD = _cache_kwarg(MoeModelOutputWithPast.__dataclass_fields__)
+
+
+def _with_cache(output_class, cache, **fields):
+    """`output_class(..., cache=cache)` under the cache field's name in the installed transformers."""
+    return output_class(**fields, **{_OUTPUT_CACHE_FIELD: cache})
+
+
+def _output_cache(outputs):
+    return getattr(outputs, _OUTPUT_CACHE_FIELD)
+
+
+def _accepts_past_key_values(forward):
+    """Let `forward(cache=...)` take `past_key_values=` too: a deprecated spelling where transformers says `cache`;
+    before 5.24 the one generate() passes, so it is renamed without a warning there (nothing for the user to change)."""
+    if _OUTPUT_CACHE_FIELD == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def renamed(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None and kwargs.get("cache") is None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    return renamed
 
 
 # ----------------------------------------------------------------------------------------------------------- outputs
@@ -185,7 +223,7 @@ class SparseMoEAttention(nn.Module):
             self.k_norm = SparseMoERMSNorm(kv_width, eps=config.rms_norm_eps)
         self.sliding_window = config.sliding_window
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -633,7 +671,7 @@ class SparseMoEDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = SparseMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = SparseMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -789,7 +827,7 @@ class SparseMoEModel(SparseMoEPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -815,8 +853,8 @@ class SparseMoEModel(SparseMoEPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
+            **{_MASK_CACHE_KWARG: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -831,7 +869,7 @@ class SparseMoEModel(SparseMoEPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return SparseMoEModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return _with_cache(SparseMoEModelOutputWithPast, cache, last_hidden_state=hidden_states)
 
 
 def _zero_loss_without_targets(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
@@ -928,7 +966,7 @@ class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, Generatio
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -971,13 +1009,14 @@ class SparseMoEForCausalLM(_RouterLossMixin, SparseMoEPreTrainedModel, Generatio
             loss = _zero_loss_without_targets(loss, logits, targets, ignore_index)
             loss = self._add_router_losses(loss, router, targets, kwargs.get("num_items_in_batch"), ignore_index)
 
-        output = SparseMoECausalLMOutputWithPast(
+        output = _with_cache(
+            SparseMoECausalLMOutputWithPast,
+            _output_cache(outputs),
             loss=loss,
             aux_loss=router.aux_loss,
             z_loss=router.z_loss,
             dropped_fraction=router.dropped_fraction,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
@@ -1018,7 +1057,7 @@ class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedMo
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         input_ids=None,
@@ -1051,10 +1090,11 @@ class SparseMoEForSequenceClassification(_RouterLossMixin, SparseMoEPreTrainedMo
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
             loss = self._add_router_losses(loss, router)
-        output = SequenceClassifierOutputWithPast(
+        output = _with_cache(
+            SequenceClassifierOutputWithPast,
+            _output_cache(outputs),
             loss=loss,
             logits=pooled_logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -1078,7 +1118,7 @@ class SparseMoEForTokenClassification(_RouterLossMixin, SparseMoEPreTrainedModel
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         input_ids=None,
@@ -1128,7 +1168,7 @@ class SparseMoEForQuestionAnswering(_RouterLossMixin, SparseMoEPreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @_accepts_past_key_values
     def forward(
         self,
         input_ids=None,
