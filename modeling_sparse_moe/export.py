@@ -150,6 +150,8 @@ def export_for_serving(
         raise ValueError(f"{src} is not a folder; expected a SparseMoE model folder or a LoRA adapter folder.")
     _check_output(dst, overwrite)
     gguf_type = _check_gguf_type(gguf)
+    if gguf_type in LLAMA_QUANTIZE_TYPES:
+        _llama_quantizer(gguf_type)  # refuse now, not after writing the f16 file
     adapter = (src / "adapter_config.json").is_file()
     if adapter:
         base = _adapter_base(src, base)
@@ -517,7 +519,7 @@ def _add_gguf_tensor(writer, name: str, tensor: torch.Tensor, outtype: str) -> N
         writer.add_tensor(name, data)
     elif outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         qtype = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     else:
         writer.add_tensor(name, data.astype(np.float16))
 
@@ -530,10 +532,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "
     qtype = qtype.upper()
     if qtype not in LLAMA_QUANTIZE_TYPES:
         raise ValueError(f"qtype must be one of {LLAMA_QUANTIZE_TYPES}, got {qtype!r}.")
-    try:
-        import llama_cpp
-    except ImportError:
-        llama_cpp = None
+    llama_cpp, binary = _llama_quantizer(qtype, src.name, dst.name)
     if llama_cpp is not None:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
@@ -541,14 +540,26 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "
         if status != 0:
             raise ValueError(f"llama.cpp failed to quantize {src} to {qtype} (status {status}).")
         return dst
+    subprocess.run([binary, str(src), str(dst), qtype], check=True, capture_output=True)
+    return dst
+
+
+def _llama_quantizer(qtype: str, src: str = "model-f16.gguf", dst: str | None = None):
+    """(llama_cpp module or None, llama-quantize path or None); `ValueError` when neither is available."""
+    try:
+        import llama_cpp
+
+        return llama_cpp, None
+    except ImportError:
+        pass
     binary = os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
     if binary is None:
         raise ValueError(
-            f"{qtype} needs llama.cpp's quantizer: install llama-cpp-python, or put llama-quantize on PATH, or write "
-            f"--gguf f16 and run: llama-quantize {src.name} {dst.name} {qtype}"
+            f"{qtype} needs llama.cpp's quantizer (the gguf package has no Python k-quant quantizer): install "
+            "llama-cpp-python, or put llama-quantize on PATH (or LLAMA_QUANTIZE=path), or write --gguf f16 and run: "
+            f"llama-quantize {src} {dst or f'model-{qtype}.gguf'} {qtype}"
         )
-    subprocess.run([binary, str(src), str(dst), qtype], check=True, capture_output=True)
-    return dst
+    return None, binary
 
 
 __all__ = [

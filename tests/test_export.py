@@ -1,0 +1,374 @@
+"""Serving export (`modeling_sparse_moe.export`, `scripts/export.py`): native-family folders with the same logits,
+GGUF files read back with `gguf` (names, shapes, values, tokenizer fields) and run by a numpy reference of
+llama.cpp's `llama` graph, refusals that leave nothing behind."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+import torch
+from conftest import assert_fp32_close, tiny_config
+
+import gguf
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from modeling_sparse_moe import SparseMoEForCausalLM
+from modeling_sparse_moe.conversion import to_hf
+from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
+from modeling_sparse_moe.export import (
+    export_for_serving,
+    gguf_tokenizer_fields,
+    pick_family,
+    write_gguf,
+)
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import export as export_cli  # noqa: E402  (scripts/export.py)
+
+VOCAB = 320  # model rows; the tokenizer has fewer tokens, so the GGUF pads the token list
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+TEXT = "The quick brown fox's 12 jumps -- don't stop!  Twice\tover\n the lazy dog's 3.5 dogs."
+
+# family -> SparseMoE settings it holds (and its llama.cpp architecture runs)
+FAMILY_CASES = {
+    "mixtral": dict(),
+    "qwen3_moe": dict(qk_norm="head", head_dim=16),
+    "qwen2_moe": dict(num_shared_experts=1, shared_expert_gate=True, attention_bias=True, attention_out_bias=False,
+                      norm_topk_prob=False),
+    "olmoe": dict(qk_norm="full", norm_topk_prob=False),
+    "glm4_moe": dict(router_type="sigmoid", num_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                     num_hidden_layers=3, qk_norm="head", attention_bias=True, attention_out_bias=False),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = train_tokenizer(load_text_corpus(max_chars=4000), vocab_size=300)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_model(seed=0, **overrides) -> SparseMoEForCausalLM:
+    model = SparseMoEForCausalLM(tiny_config(vocab_size=VOCAB, **overrides)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (0.02 if "norm" not in name else 0.1) + (
+                1.0 if "norm" in name else 0.0))
+            if "embed" in name or "lm_head" in name or "experts" in name:
+                param.mul_(10)
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias") and model.config.router_type == "sigmoid":
+                module.e_score_correction_bias.copy_(torch.randn(module.num_experts, generator=generator) * 0.05)
+    return model
+
+
+def save(model, folder, tokenizer=None) -> Path:
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def ids_for(tokenizer):
+    return torch.tensor([tokenizer(TEXT)["input_ids"][:20]])
+
+
+def field(reader, key):
+    return reader.get_field(key).contents()
+
+
+# ============================================================================================= native family folders
+@pytest.mark.parametrize("family", list(FAMILY_CASES))
+def test_export_picks_the_family_and_logits_match(family, tokenizer, tmp_path):
+    ours = make_model(**FAMILY_CASES[family])
+    src = save(ours, tmp_path / "src", tokenizer)
+    result = export_for_serving(src, tmp_path / "out", gguf="f16")
+    assert result.family == family and result.gguf == tmp_path / "out" / "model-f16.gguf"
+
+    out = tmp_path / "out"
+    assert not list(out.glob("*.py")) and not list(tmp_path.glob(".*partial*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and "auto_map" not in config
+    native = AutoModelForCausalLM.from_pretrained(out)  # no remote code
+    assert type(native).__name__ == to_hf(ours, family).__class__.__name__
+    ids = ids_for(tokenizer)
+    assert_fp32_close(logits(native, ids), logits(ours, ids))
+
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    assert reloaded_tok(TEXT)["input_ids"] == tokenizer(TEXT)["input_ids"]
+    assert reloaded_tok.chat_template == CHAT_TEMPLATE
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 2 and generation["bos_token_id"] == 1
+
+    reader = gguf.GGUFReader(result.gguf)
+    arch = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+            "glm4_moe": "glm4moe"}[family]  # fmt: skip
+    assert field(reader, "general.architecture") == arch
+    assert field(reader, f"{arch}.expert_count") == 4 and field(reader, f"{arch}.expert_used_count") == 2
+    assert field(reader, f"{arch}.block_count") == ours.config.num_hidden_layers
+    assert field(reader, f"{arch}.attention.key_length") == ours.config.head_dim
+    tensors = {t.name: t for t in reader.tensors}
+    state = ours.state_dict()
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # routing stays fp32
+    np.testing.assert_array_equal(tensors["blk.1.ffn_gate_inp.weight"].data, state["model.layers.1.mlp.gate.weight"])
+    down = tensors["blk.1.ffn_down_exps.weight"]
+    assert list(down.shape) == [ours.config.moe_intermediate_size, 32, 4]  # ggml order: (F, D, E)
+    np.testing.assert_array_equal(down.data, state["model.layers.1.mlp.experts.down_proj"].half().numpy())
+    up = state["model.layers.1.mlp.experts.gate_up_proj"][:, ours.config.moe_intermediate_size :]
+    np.testing.assert_array_equal(tensors["blk.1.ffn_up_exps.weight"].data, up.half().numpy())
+    if family == "glm4_moe":
+        assert field(reader, "glm4moe.expert_weights_scale") == pytest.approx(2.5)
+        assert field(reader, "glm4moe.leading_dense_block_count") == 1
+        assert field(reader, "glm4moe.expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+        np.testing.assert_array_equal(tensors["blk.1.exp_probs_b.bias"].data,
+                                      state["model.layers.1.mlp.gate.e_score_correction_bias"])
+        assert "blk.0.ffn_gate.weight" in tensors and "blk.1.post_attention_norm.weight" in tensors
+    if family == "qwen2_moe":
+        assert list(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == [32]
+
+
+def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias():
+    """DeepSeek-V3 style routing (sigmoid, correction bias, groups, scaling, shared experts) exports to GLM-4-MoE
+    exactly; llama.cpp's glm4moe graph has no groups, so its GGUF is refused."""
+    settings = dict(router_type="sigmoid", num_experts=8, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                    num_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=3)  # fmt: skip
+    ours = make_model(**settings)
+    assert pick_family(ours.config, ours.state_dict()) == "glm4_moe"
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    assert_fp32_close(logits(to_hf(ours, "glm4_moe"), ids), logits(ours, ids))
+    with pytest.raises(ValueError, match="llama.cpp's glm4moe has no group-limited routing"):
+        pick_family(ours.config, ours.state_dict(), gguf=True)
+
+
+# ====================================================================================================== GGUF values
+def test_gguf_round_trip_f32_f16_q8_0(tokenizer, tmp_path):
+    ours = make_model(qk_norm="head")
+    state = ours.state_dict()
+    key = "model.layers.0.self_attn.o_proj.weight"
+    for outtype in ("f32", "f16", "q8_0"):
+        path = write_gguf(ours, tmp_path / f"m-{outtype}.gguf", "qwen3_moe", tokenizer, outtype=outtype)
+        tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        assert field(gguf.GGUFReader(path), "general.file_type") == {"f32": 0, "f16": 1, "q8_0": 7}[outtype]
+        expected = state[key].numpy()
+        tensor = tensors["blk.0.attn_output.weight"]
+        if outtype == "f32":
+            np.testing.assert_array_equal(tensor.data, expected)
+        elif outtype == "f16":
+            np.testing.assert_array_equal(tensor.data, expected.astype(np.float16))
+        else:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(expected.shape)
+            # Q8_0: blocks of 32 with scale d = amax/127 stored in fp16: each value within d/2, plus |q| <= 127 times
+            # the fp16 rounding of d (relative 2^-11)
+            step = np.abs(expected.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+            assert (np.abs(values - expected).reshape(-1, 32) <= step * (0.5 + 127 / 2048) + 1e-7).all()
+            assert np.abs(values - expected).max() > 0  # really quantized
+        np.testing.assert_array_equal(tensors["blk.0.attn_q_norm.weight"].data, state[
+            "model.layers.0.self_attn.q_norm.weight"].numpy())  # norms stay fp32 in every type
+        assert sorted(tensors) == sorted(gguf_names(ours.config, qk_norm=True))
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def gguf_names(config, qk_norm=False):
+    names = ["token_embd.weight", "output_norm.weight", "output.weight"]
+    for i in range(config.num_hidden_layers):
+        names += [f"blk.{i}.{n}.weight" for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                                  "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+        names += [f"blk.{i}.attn_q_norm.weight", f"blk.{i}.attn_k_norm.weight"] if qk_norm else []
+    return names
+
+
+def test_gguf_llama_numpy_reference_forward_equals_our_logits(tokenizer, tmp_path):
+    """A numpy implementation of llama.cpp's `llama` graph (interleaved RoPE, softmax top-k renormalised experts),
+    fed only from the GGUF file, gives our logits: names, layouts, the q/k permutation and metadata are right."""
+    ours = make_model(seed=1, num_key_value_heads=2, tie_word_embeddings=True)
+    path = write_gguf(ours, tmp_path / "m.gguf", "mixtral", tokenizer, outtype="f32")
+    ids = ids_for(tokenizer)
+    expected = logits(ours, ids)[0].numpy()
+    actual = llama_reference_logits(gguf.GGUFReader(path), ids[0].numpy())
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def llama_reference_logits(reader, ids):
+    """llama.cpp's `llama` architecture, in numpy, from a GGUF file's tensors and metadata (f32 GGUF)."""
+    w = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+    n_head, n_kv = field(reader, "llama.attention.head_count"), field(reader, "llama.attention.head_count_kv")
+    eps, theta = field(reader, "llama.attention.layer_norm_rms_epsilon"), field(reader, "llama.rope.freq_base")
+    top_k, head_dim = field(reader, "llama.expert_used_count"), field(reader, "llama.rope.dimension_count")
+
+    def rms(x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+    def rope(x):  # (S, H, hd): GGML_ROPE_TYPE_NORM rotates adjacent pairs (2j, 2j+1) by pos * theta^(-2j/hd)
+        pos = np.arange(x.shape[0])[:, None, None]
+        angle = pos * theta ** (-np.arange(0, head_dim, 2) / head_dim)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = even * np.cos(angle) - odd * np.sin(angle)
+        out[..., 1::2] = even * np.sin(angle) + odd * np.cos(angle)
+        return out
+
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    x = w["token_embd.weight"][ids]
+    seq = len(ids)
+    for i in range(field(reader, "llama.block_count")):
+        b = f"blk.{i}."
+        h = rms(x, w[b + "attn_norm.weight"])
+        q = rope((h @ w[b + "attn_q.weight"].T).reshape(seq, n_head, head_dim))
+        k = rope((h @ w[b + "attn_k.weight"].T).reshape(seq, n_kv, head_dim))
+        v = (h @ w[b + "attn_v.weight"].T).reshape(seq, n_kv, head_dim)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim)
+        scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", probs, v).reshape(seq, -1) @ w[b + "attn_output.weight"].T
+        h = rms(x, w[b + "ffn_norm.weight"])
+        router = h @ w[b + "ffn_gate_inp.weight"].T
+        p = np.exp(router - router.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out = np.zeros_like(h)
+        for t in range(seq):
+            chosen = np.argsort(-p[t])[:top_k]
+            weights = p[t, chosen] / p[t, chosen].sum()
+            for e, weight in zip(chosen, weights):
+                gate = w[b + "ffn_gate_exps.weight"][e] @ h[t]
+                up = w[b + "ffn_up_exps.weight"][e] @ h[t]
+                out[t] += weight * (w[b + "ffn_down_exps.weight"][e] @ (silu(gate) * up))
+        x = x + out
+    return rms(x, w["output_norm.weight"]) @ w["output.weight"].T
+
+
+# ================================================================================================== tokenizer fields
+def test_gguf_tokenizer_fields(tokenizer, tmp_path):
+    path = write_gguf(make_model(), tmp_path / "m.gguf", "mixtral", tokenizer)
+    reader = gguf.GGUFReader(path)
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert len(tokens) == VOCAB and len(tokenizer) < VOCAB
+    assert tokens[: len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[:4] == [gguf.TokenType.CONTROL] * 4  # <pad> <s> </s> <unk>
+    assert set(types[4 : len(tokenizer)]) == {gguf.TokenType.NORMAL}
+    assert set(types[len(tokenizer) :]) == {gguf.TokenType.UNUSED}
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert field(reader, "tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert len(merges) > 0
+    assert [field(reader, f"tokenizer.ggml.{name}_token_id") for name in ("padding", "bos", "eos", "unknown")] == [
+        0, 1, 2, 3]  # fmt: skip
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False  # our tokenizers add no BOS
+    assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+
+
+# llama.cpp's "gpt-2" pre-tokenizer regex (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GPT2)
+GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def test_our_pre_tokenizer_splits_like_llama_cpp_gpt2(tokenizer):
+    """The words our tokenizer's pre-tokenizer makes equal those of the regex llama.cpp runs for pre='gpt-2'."""
+    from tokenizers import decoders
+
+    byte_level = decoders.ByteLevel()
+    texts = [TEXT, "naïve café — 2024's “quotes”\n\n  indented\tcode()", load_text_corpus(max_chars=2000)[0]]
+    for text in texts:
+        pieces = [byte_level.decode([piece]) for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+        assert pieces == regex.findall(GPT2_REGEX, text)
+
+
+def test_tokenizers_llama_cpp_would_split_differently_are_refused(tokenizer):
+    from tokenizers import pre_tokenizers
+
+    other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
+        tokenizer.backend_tokenizer.to_str()))
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    with pytest.raises(ValueError, match="pre_tokenizer .*add_prefix_space"):
+        gguf_tokenizer_fields(other, VOCAB)
+    with pytest.raises(ValueError, match="but the model has vocab_size=200"):
+        gguf_tokenizer_fields(tokenizer, 200)
+
+
+# =============================================================================================== adapters and refusals
+def test_lora_adapter_is_merged_on_the_way(tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = make_model(seed=2)
+    base_dir = save(base, tmp_path / "base", tokenizer)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(make_model(seed=2), lora)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(base_dir)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+
+    result = export_for_serving(tmp_path / "adapter", tmp_path / "out")  # tokenizer and base from the base folder
+    ids = ids_for(tokenizer)
+    merged = logits(peft_model.merge_and_unload().eval(), ids)
+    assert (merged - logits(base, ids)).abs().max() > 1e-3  # the adapter changes the model
+    assert result.family == "mixtral"
+    assert_fp32_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), ids), merged)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == CHAT_TEMPLATE
+
+    # Without its base: a clear error, nothing written.
+    adapter_config["base_model_name_or_path"] = str(tmp_path / "missing")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with pytest.raises(ValueError, match="LoRA adapter without its base model .*--base PATH"):
+        export_for_serving(tmp_path / "adapter", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    export_for_serving(tmp_path / "adapter", tmp_path / "out3", base=base_dir)  # --base names it
+    assert_fp32_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out3"), ids), merged)
+
+
+def test_unsupported_config_is_refused_with_the_nearest_settings(tokenizer, tmp_path):
+    src = save(make_model(router_type="sigmoid", num_shared_experts=1, sliding_window=8), tmp_path / "src", tokenizer)
+    with pytest.raises(ValueError) as error:
+        export_for_serving(src, tmp_path / "out")
+    message = str(error.value)
+    assert "No transformers family holds this model exactly" in message
+    assert "Nearest: glm4_moe, after changing sliding_window=8" in message
+    assert "- mixtral: e_score_correction_bias non-zero" in message and "router_type='sigmoid'" in message
+    assert "--model-impl transformers" in message
+    with pytest.raises(ValueError, match="Cannot export this SparseMoE model as qwen3_moe"):
+        export_for_serving(src, tmp_path / "out", family="qwen3_moe")
+    # the family holds it, llama.cpp's graph does not: refused only when a GGUF is asked for
+    src2 = save(make_model(qk_norm="head", norm_topk_prob=False), tmp_path / "src2", tokenizer)
+    with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always uses True"):
+        export_for_serving(src2, tmp_path / "out", gguf="f16")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src", "src2"]
+    assert export_for_serving(src2, tmp_path / "out").family == "qwen3_moe"
+
+
+def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, capsys):
+    src = save(make_model(), tmp_path / "src")  # no tokenizer
+    with pytest.raises(ValueError, match=r"No tokenizer \(tokenizer.json\) in .*--tokenizer FOLDER"):
+        export_for_serving(src, tmp_path / "out")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    export_for_serving(src, tmp_path / "out", tokenizer=tmp_path / "tok")
+    with pytest.raises(ValueError, match="already exists; .*--overwrite"):
+        export_for_serving(src, tmp_path / "out", tokenizer=tmp_path / "tok")
+    with pytest.raises(ValueError, match="llama-quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M"):
+        export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q4_k_m")
+    with pytest.raises(ValueError, match="gguf must be one of"):
+        export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q3")
+    assert not (tmp_path / "q4").exists()
+
+    # the CLI: one error line and status 1; --overwrite replaces; a GGUF inside
+    assert export_cli.main([str(src), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("export.py: error: ") and "already exists" in err
+    argv = [str(src), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--overwrite", "--gguf", "q8_0"]
+    assert export_cli.main(argv) == 0
+    assert "(mixtral) and" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "model-q8_0.gguf", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "tok"]
