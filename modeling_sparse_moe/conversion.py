@@ -1,7 +1,7 @@
 # Copyright 2026 The sparse-moe authors. Licensed under the Apache License, Version 2.0.
 """Bridge between SparseMoE and the families transformers ships, in both directions, plus sparse upcycling.
 
-    from_hf(model_or_path)                  Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / GLM-4-MoE  ->  SparseMoEForCausalLM
+    from_hf(model_or_path)                  Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / GLM-4-MoE -> SparseMoEForCausalLM
     to_hf(model, family)                    SparseMoEForCausalLM  ->  MixtralForCausalLM, Qwen2MoeForCausalLM, ...
     upcycle(dense_model_or_path, E, K)      Llama / Mistral / Qwen2 / Qwen3  ->  SparseMoEForCausalLM
     convert_folder(src, dst, to=None)       the first two, folder to folder, streamed tensor by tensor

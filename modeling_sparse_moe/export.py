@@ -22,6 +22,7 @@ use transformers' order (NeoX style) and take q/k as they are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -118,9 +119,6 @@ def gguf_problems(config: SparseMoEConfig, family: str) -> list[str]:
         problems.append(f"head_dim={config.head_dim}: llama.cpp's {arch} needs head_dim * heads == hidden_size")
     if arch == "olmoe" and config.attention_bias:
         problems.append("attention_bias=True: llama.cpp's olmoe has no attention biases")
-    if arch == "glm4moe" and config.n_group > 1 and config.topk_group < config.n_group:
-        problems.append(f"n_group={config.n_group}/topk_group={config.topk_group}: llama.cpp's glm4moe has no "
-                        "group-limited routing")
     return problems
 
 
@@ -163,20 +161,19 @@ def export_for_serving(
         raise ValueError(
             f"{model_folder} is a {config.model_type} folder, not SparseMoE: it is already in a transformers family."
         )
-    tokenizer_folder = _tokenizer_folder([Path(tokenizer)] if tokenizer else [src, *([model_folder] if adapter else [])])
+    candidates = [Path(tokenizer)] if tokenizer else [src, model_folder] if adapter else [src]
+    tokenizer_folder = _tokenizer_folder(candidates)
 
     merged = _merge_adapter(model_folder, src) if adapter else None
-    with _SafetensorsFolder(model_folder) if merged is None else _nullcontext(_StateDictSource(merged.state_dict())) as source:
+    with _tensors(model_folder, merged) as source:
         if family == "auto":
             family = pick_family(config, source, gguf=gguf_type is not None)
         elif family not in MOE_FAMILIES:
             raise ValueError(f"family must be 'auto' or one of {MOE_FAMILIES}, got {family!r}.")
         problems = family_problems(config, family, source) + (gguf_problems(config, family) if gguf_type else [])
         if problems:
-            raise ValueError(
-                f"Cannot export this SparseMoE model as {family}{' GGUF' if gguf_type else ''}:\n"
-                + "\n".join(f"  - {p}" for p in problems)
-            )
+            raise ValueError(f"Cannot export this SparseMoE model as {family}{' GGUF' if gguf_type else ''}:\n"
+                             + _bullets(problems))
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_folder)
     if gguf_type is not None:
         gguf_tokenizer_fields(tok, config.vocab_size)  # refuse an unconvertible tokenizer before writing anything
@@ -194,7 +191,7 @@ def export_for_serving(
             GenerationConfig.from_model_config(_load_config(tmp)).save_pretrained(tmp)
         gguf_path = None
         if gguf_type is not None:
-            with _SafetensorsFolder(model_folder) if merged is None else _nullcontext(_StateDictSource(merged.state_dict())) as source:
+            with _tensors(model_folder, merged) as source:
                 written = "f16" if gguf_type in LLAMA_QUANTIZE_TYPES else gguf_type
                 gguf_path = tmp / f"model-{written}.gguf"
                 write_gguf(source, gguf_path, family, tok, config=config, outtype=written, name=dst.name)
@@ -203,6 +200,10 @@ def export_for_serving(
                 quantize_gguf(gguf_path, quantized, gguf_type)
                 gguf_path = quantized
     return ExportResult(dst, family, dst / gguf_path.name if gguf_path is not None else None)
+
+
+def _bullets(problems: list[str]) -> str:
+    return "\n".join(f"  - {problem}" for problem in problems)
 
 
 def _check_output(dst: Path, overwrite: bool) -> None:
@@ -260,15 +261,11 @@ def _copy_generation_config(*folders_then_dst: Path) -> None:
             return
 
 
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
+def _tensors(folder: Path, merged_model):
+    """The SparseMoE tensors to export: the merged model's, or the folder's read one at a time."""
+    if merged_model is not None:
+        return contextlib.nullcontext(_StateDictSource(merged_model.state_dict()))
+    return _SafetensorsFolder(folder)
 
 
 # ============================================================================================================== GGUF
@@ -291,7 +288,7 @@ def gguf_tokenizer_fields(tokenizer: PreTrainedTokenizerFast, vocab_size: int) -
     if len(tokenizer) > vocab_size:
         problems.append(f"{len(tokenizer)} tokens but the model has vocab_size={vocab_size} rows")
     if problems:
-        raise ValueError("This tokenizer cannot be written to GGUF exactly:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ValueError("This tokenizer cannot be written to GGUF exactly:\n" + _bullets(problems))
     if normalizer is not None:  # NFC
         logger.info("The tokenizer NFC-normalises its input and llama.cpp does not: text already in NFC (nearly all "
                     "text) tokenizes identically.")
@@ -368,7 +365,7 @@ def write_gguf(
         source = model_or_source
     problems = family_problems(config, family, source) + gguf_problems(config, family)
     if problems:
-        raise ValueError(f"Cannot write this SparseMoE model as a {family} GGUF:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ValueError(f"Cannot write this SparseMoE model as a {family} GGUF:\n" + _bullets(problems))
     token_fields = gguf_tokenizer_fields(tokenizer, config.vocab_size)
 
     path = Path(path)
@@ -431,6 +428,11 @@ def _write_gguf_metadata(writer, config: SparseMoEConfig, family: str, arch: str
         writer.add_expert_weights_scale(float(config.routed_scaling_factor))
         writer.add_expert_weights_norm(bool(config.norm_topk_prob))
         writer.add_nextn_predict_layers(0)
+        if config.n_group > 1 and config.topk_group < config.n_group:
+            # NOTE: read by every architecture in llama.cpp's hparams loader; `build_moe_ffn` then scores each group by
+            # its top-2 biased scores and keeps the best `topk_group`, as our router does.
+            writer.add_expert_group_count(config.n_group)
+            writer.add_expert_group_used_count(config.topk_group)
 
 
 def _write_gguf_tokenizer(writer, fields: dict) -> None:
@@ -450,7 +452,7 @@ def _write_gguf_tokenizer(writer, fields: dict) -> None:
 
 
 def _gguf_tensors(config: SparseMoEConfig, family: str, source):
-    """(GGUF name, fp32 tensor) pairs of the model, read one at a time from `source` (SparseMoE names, fused experts)."""
+    """(GGUF name, fp32 tensor) pairs, read one at a time from `source` (SparseMoE names, fused experts)."""
     arch = GGUF_ARCHITECTURES[family]
     get = lambda key: source.get(key).float()  # noqa: E731
     yield "token_embd.weight", get("model.embed_tokens.weight")

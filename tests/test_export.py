@@ -137,17 +137,19 @@ def test_export_picks_the_family_and_logits_match(family, tokenizer, tmp_path):
         assert list(tensors["blk.0.ffn_gate_inp_shexp.weight"].shape) == [32]
 
 
-def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias():
+def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias(tokenizer, tmp_path):
     """DeepSeek-V3 style routing (sigmoid, correction bias, groups, scaling, shared experts) exports to GLM-4-MoE
-    exactly; llama.cpp's glm4moe graph has no groups, so its GGUF is refused."""
+    exactly; its GGUF carries the group counts llama.cpp's MoE graph reads."""
     settings = dict(router_type="sigmoid", num_experts=8, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                     num_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=3)  # fmt: skip
     ours = make_model(**settings)
     assert pick_family(ours.config, ours.state_dict()) == "glm4_moe"
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
     assert_fp32_close(logits(to_hf(ours, "glm4_moe"), ids), logits(ours, ids))
-    with pytest.raises(ValueError, match="llama.cpp's glm4moe has no group-limited routing"):
-        pick_family(ours.config, ours.state_dict(), gguf=True)
+    assert pick_family(ours.config, ours.state_dict(), gguf=True) == "glm4_moe"
+    reader = gguf.GGUFReader(write_gguf(ours, tmp_path / "m.gguf", "glm4_moe", tokenizer))
+    assert field(reader, "glm4moe.expert_group_count") == 4 and field(reader, "glm4moe.expert_group_used_count") == 2
+    assert field(reader, "glm4moe.expert_shared_count") == 2
 
 
 # ====================================================================================================== GGUF values
@@ -188,63 +190,113 @@ def gguf_names(config, qk_norm=False):
     return names
 
 
-def test_gguf_llama_numpy_reference_forward_equals_our_logits(tokenizer, tmp_path):
-    """A numpy implementation of llama.cpp's `llama` graph (interleaved RoPE, softmax top-k renormalised experts),
-    fed only from the GGUF file, gives our logits: names, layouts, the q/k permutation and metadata are right."""
-    ours = make_model(seed=1, num_key_value_heads=2, tie_word_embeddings=True)
-    path = write_gguf(ours, tmp_path / "m.gguf", "mixtral", tokenizer, outtype="f32")
+REFERENCE_CASES = {  # family -> settings: every architecture's graph features (groups, scaling, dense lead, ...)
+    "mixtral": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3_moe": dict(qk_norm="head", head_dim=16),
+    "qwen2_moe": FAMILY_CASES["qwen2_moe"],
+    "olmoe": FAMILY_CASES["olmoe"],
+    "glm4_moe": dict(FAMILY_CASES["glm4_moe"], num_experts=8, n_group=4, topk_group=2, num_shared_experts=2),
+}
+
+
+@pytest.mark.parametrize("family", list(REFERENCE_CASES))
+def test_gguf_numpy_reference_forward_equals_our_logits(family, tokenizer, tmp_path):
+    """A numpy implementation of llama.cpp's graph for each architecture (RoPE style, qk-norms, router gating, bias,
+    groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file, gives our
+    logits: tensor names, layouts, the q/k permutation of `llama` and the metadata are what llama.cpp reads."""
+    ours = make_model(seed=1, **REFERENCE_CASES[family])
+    path = write_gguf(ours, tmp_path / "m.gguf", family, tokenizer, outtype="f32")
     ids = ids_for(tokenizer)
     expected = logits(ours, ids)[0].numpy()
-    actual = llama_reference_logits(gguf.GGUFReader(path), ids[0].numpy())
+    actual = llama_cpp_reference_logits(gguf.GGUFReader(path), ids[0].numpy())
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def llama_reference_logits(reader, ids):
-    """llama.cpp's `llama` architecture, in numpy, from a GGUF file's tensors and metadata (f32 GGUF)."""
+def llama_cpp_reference_logits(reader, ids):
+    """llama.cpp's llama / qwen2moe / qwen3moe / olmoe / glm4moe graphs (src/models/*.cpp, `build_moe_ffn`) in
+    numpy, from an f32 GGUF file's tensors and metadata."""
     w = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
-    n_head, n_kv = field(reader, "llama.attention.head_count"), field(reader, "llama.attention.head_count_kv")
-    eps, theta = field(reader, "llama.attention.layer_norm_rms_epsilon"), field(reader, "llama.rope.freq_base")
-    top_k, head_dim = field(reader, "llama.expert_used_count"), field(reader, "llama.rope.dimension_count")
+    arch = field(reader, "general.architecture")
+
+    def meta(key, default=None):
+        return field(reader, f"{arch}.{key}") if reader.get_field(f"{arch}.{key}") else default
+
+    n_head, n_kv, head_dim = meta("attention.head_count"), meta("attention.head_count_kv"), meta("rope.dimension_count")
+    eps, theta = meta("attention.layer_norm_rms_epsilon"), meta("rope.freq_base")
+    top_k = meta("expert_used_count")
+    groups, groups_used = meta("expert_group_count", 0), meta("expert_group_used_count")
+    sigmoid_gate = meta("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
+    norm_w = {"llama": True, "qwen3moe": True, "qwen2moe": False, "olmoe": False}.get(arch, meta("expert_weights_norm"))
+    scale = meta("expert_weights_scale", 0.0)
+    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
 
     def rms(x, weight):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
-    def rope(x):  # (S, H, hd): GGML_ROPE_TYPE_NORM rotates adjacent pairs (2j, 2j+1) by pos * theta^(-2j/hd)
-        pos = np.arange(x.shape[0])[:, None, None]
-        angle = pos * theta ** (-np.arange(0, head_dim, 2) / head_dim)
-        even, odd = x[..., 0::2], x[..., 1::2]
+    def rope(x):  # (S, H, hd); `llama` rotates adjacent pairs (GGML_ROPE_TYPE_NORM), the others halves (NEOX)
+        angle = np.arange(x.shape[0])[:, None, None] * theta ** (-np.arange(0, head_dim, 2) / head_dim)
+        first, second = (x[..., 0::2], x[..., 1::2]) if arch == "llama" else np.split(x, 2, axis=-1)
+        rotated = (first * np.cos(angle) - second * np.sin(angle), first * np.sin(angle) + second * np.cos(angle))
         out = np.empty_like(x)
-        out[..., 0::2] = even * np.cos(angle) - odd * np.sin(angle)
-        out[..., 1::2] = even * np.sin(angle) + odd * np.cos(angle)
+        if arch == "llama":
+            out[..., 0::2], out[..., 1::2] = rotated
+        else:
+            out[..., : head_dim // 2], out[..., head_dim // 2 :] = rotated
         return out
 
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    def linear(x, name):
+        return x @ w[name + ".weight"].T + (w[name + ".bias"] if name + ".bias" in w else 0)
+
+    def ffn(x, b, suffix=""):
+        return linear(silu(linear(x, f"{b}ffn_gate{suffix}")) * linear(x, f"{b}ffn_up{suffix}"), f"{b}ffn_down{suffix}")
+
     x = w["token_embd.weight"][ids]
     seq = len(ids)
-    for i in range(field(reader, "llama.block_count")):
+    for i in range(meta("block_count")):
         b = f"blk.{i}."
         h = rms(x, w[b + "attn_norm.weight"])
-        q = rope((h @ w[b + "attn_q.weight"].T).reshape(seq, n_head, head_dim))
-        k = rope((h @ w[b + "attn_k.weight"].T).reshape(seq, n_kv, head_dim))
-        v = (h @ w[b + "attn_v.weight"].T).reshape(seq, n_kv, head_dim)
+        q, k, v = linear(h, b + "attn_q"), linear(h, b + "attn_k"), linear(h, b + "attn_v")
+        if arch == "olmoe":  # full-width qk-norm before the heads are split
+            q, k = rms(q, w[b + "attn_q_norm.weight"]), rms(k, w[b + "attn_k_norm.weight"])
+        q, k, v = q.reshape(seq, n_head, head_dim), k.reshape(seq, n_kv, head_dim), v.reshape(seq, n_kv, head_dim)
+        if arch != "olmoe" and b + "attn_q_norm.weight" in w:
+            q, k = rms(q, w[b + "attn_q_norm.weight"]), rms(k, w[b + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
         k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(head_dim)
         scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        x = x + np.einsum("hqk,khd->qhd", probs, v).reshape(seq, -1) @ w[b + "attn_output.weight"].T
-        h = rms(x, w[b + "ffn_norm.weight"])
+        x = x + linear(np.einsum("hqk,khd->qhd", probs, v).reshape(seq, -1), b + "attn_output")
+        h = rms(x, w[b + ("post_attention_norm" if arch == "glm4moe" else "ffn_norm") + ".weight"])
+        if b + "ffn_gate.weight" in w:  # a dense layer
+            x = x + ffn(h, b)
+            continue
         router = h @ w[b + "ffn_gate_inp.weight"].T
-        p = np.exp(router - router.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
+        p = sigmoid(router) if sigmoid_gate else np.exp(router - router.max(-1, keepdims=True))
+        p = p if sigmoid_gate else p / p.sum(-1, keepdims=True)
+        choice = p + w.get(b + "exp_probs_b.bias", 0)
+        if groups > 1:
+            grouped = choice.reshape(seq, groups, -1)
+            group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+            keep = np.argsort(-group_scores, axis=-1)[:, :groups_used]
+            mask = np.zeros_like(group_scores, bool)
+            np.put_along_axis(mask, keep, True, axis=-1)
+            choice = np.where(np.repeat(mask, grouped.shape[-1], axis=-1), choice, -np.inf)
         out = np.zeros_like(h)
         for t in range(seq):
-            chosen = np.argsort(-p[t])[:top_k]
-            weights = p[t, chosen] / p[t, chosen].sum()
+            chosen = np.argsort(-choice[t])[:top_k]
+            weights = p[t, chosen] / (p[t, chosen].sum() if norm_w else 1.0)
+            weights = weights * (scale if scale not in (0.0, 1.0) else 1.0)
             for e, weight in zip(chosen, weights):
-                gate = w[b + "ffn_gate_exps.weight"][e] @ h[t]
-                up = w[b + "ffn_up_exps.weight"][e] @ h[t]
-                out[t] += weight * (w[b + "ffn_down_exps.weight"][e] @ (silu(gate) * up))
+                expert = silu(w[b + "ffn_gate_exps.weight"][e] @ h[t]) * (w[b + "ffn_up_exps.weight"][e] @ h[t])
+                out[t] += weight * (w[b + "ffn_down_exps.weight"][e] @ expert)
+        if b + "ffn_gate_shexp.weight" in w:
+            shared = ffn(h, b, "_shexp")
+            if b + "ffn_gate_inp_shexp.weight" in w:
+                shared = shared * sigmoid(h @ w[b + "ffn_gate_inp_shexp.weight"])[:, None]
+            out = out + shared
         x = x + out
     return rms(x, w["output_norm.weight"]) @ w["output.weight"].T
 
@@ -281,7 +333,8 @@ def test_our_pre_tokenizer_splits_like_llama_cpp_gpt2(tokenizer):
     byte_level = decoders.ByteLevel()
     texts = [TEXT, "naïve café — 2024's “quotes”\n\n  indented\tcode()", load_text_corpus(max_chars=2000)[0]]
     for text in texts:
-        pieces = [byte_level.decode([piece]) for piece, _ in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+        words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
+        pieces = [byte_level.decode([word]) for word, _ in words]
         assert pieces == regex.findall(GPT2_REGEX, text)
 
 
@@ -369,6 +422,6 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
     assert export_cli.main(argv) == 0
     assert "(mixtral) and" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "chat_template.jinja", "config.json", "generation_config.json", "model-q8_0.gguf", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json"]  # fmt: skip
+        "chat_template.jinja", "config.json", "generation_config.json", "model-q8_0.gguf", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "tok"]
