@@ -384,6 +384,10 @@ def hf_config_from_sparse(
         )
     hf_config = CONFIG_MAPPING[family](**fields)
     hf_config.dtype = config.dtype
+    if family == "glm4_moe":
+        # NOTE: also saved at the top level of config.json, where engines (vLLM's Glm4Moe) and older transformers
+        # look for it, with 0.5 as their default.
+        hf_config.partial_rotary_factor = 1.0
     return hf_config
 
 

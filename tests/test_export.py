@@ -16,7 +16,7 @@ import gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling_sparse_moe import SparseMoEForCausalLM
-from modeling_sparse_moe.conversion import to_hf
+from modeling_sparse_moe.conversion import from_hf, to_hf
 from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
 from modeling_sparse_moe.export import (
     export_for_serving,
@@ -127,6 +127,8 @@ def test_export_picks_the_family_and_logits_match(family, tokenizer, tmp_path):
     up = state["model.layers.1.mlp.experts.gate_up_proj"][:, ours.config.moe_intermediate_size :]
     np.testing.assert_array_equal(tensors["blk.1.ffn_up_exps.weight"].data, up.half().numpy())
     if family == "glm4_moe":
+        assert config["partial_rotary_factor"] == 1.0 == config["rope_parameters"]["partial_rotary_factor"]
+        assert field(reader, "glm4moe.rope.dimension_count") == ours.config.head_dim
         assert field(reader, "glm4moe.expert_weights_scale") == pytest.approx(2.5)
         assert field(reader, "glm4moe.leading_dense_block_count") == 1
         assert field(reader, "glm4moe.expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
@@ -145,7 +147,15 @@ def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias(tokenizer, tmp_p
     ours = make_model(**settings)
     assert pick_family(ours.config, ours.state_dict()) == "glm4_moe"
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
-    assert_fp32_close(logits(to_hf(ours, "glm4_moe"), ids), logits(ours, ids))
+    glm = to_hf(ours, "glm4_moe")
+    assert_fp32_close(logits(glm, ids), logits(ours, ids))
+    back = from_hf(glm)  # and back: the same tensors, correction bias included
+    assert back.config.router_type == "sigmoid" and (back.config.n_group, back.config.topk_group) == (4, 2)
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    glm.config.rope_parameters["partial_rotary_factor"] = 0.5  # real GLM-4.5 checkpoints rotate half of each head
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5: SparseMoE rotates every head dimension"):
+        from_hf(glm)
     assert pick_family(ours.config, ours.state_dict(), gguf=True) == "glm4_moe"
     reader = gguf.GGUFReader(write_gguf(ours, tmp_path / "m.gguf", "glm4_moe", tokenizer))
     assert field(reader, "glm4moe.expert_group_count") == 4 and field(reader, "glm4moe.expert_group_used_count") == 2
