@@ -22,6 +22,7 @@ from modeling_sparse_moe.export import (
     export_for_serving,
     gguf_tokenizer_fields,
     pick_family,
+    quantize_gguf,
     write_gguf,
 )
 
@@ -435,3 +436,33 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
         "chat_template.jinja", "config.json", "generation_config.json", "model-q8_0.gguf", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "tok"]
+
+
+# ==================================================================================== in llama.cpp (engine checks)
+@pytest.mark.engines
+@pytest.mark.parametrize("family", list(REFERENCE_CASES))
+def test_gguf_runs_in_llama_cpp_with_our_tokens_and_logits(family, tokenizer, tmp_path):
+    """The f32 GGUF of each architecture, run by llama.cpp itself (llama-cpp-python): its tokenizer gives our ids
+    (pre-tokenizer, merges, special tokens) and its logits equal ours to float rounding. Then a Q4_K_M made from the
+    f16 file by llama.cpp's quantizer loads and runs. Needs the engines environment (SPARSE_MOE_ENGINE_CHECKS=1)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ours = make_model(seed=1, **REFERENCE_CASES[family])
+    f32 = write_gguf(ours, tmp_path / "m-f32.gguf", family, tokenizer, outtype="f32")
+    # NOTE: fp32 KV cache (GGML type 0): llama.cpp's default f16 cache would round keys and values.
+    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=1,
+                          verbose=False)
+    ids = tokenizer(TEXT)["input_ids"][:20]
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer(TEXT)["input_ids"]
+    assert llm.token_bos() == 1 and llm.token_eos() == 2
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)])
+    expected = logits(ours, torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(theirs, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    del llm
+
+    f16 = write_gguf(ours, tmp_path / "m-f16.gguf", family, tokenizer, outtype="f16")
+    q4 = quantize_gguf(f16, tmp_path / "m-Q4_K_M.gguf", "Q4_K_M")
+    assert field(gguf.GGUFReader(q4), "general.file_type") == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    small = llama_cpp.Llama(model_path=str(q4), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    small.eval(ids)
+    assert np.isfinite(np.asarray(small.scores[: len(ids)])).all()
