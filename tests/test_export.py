@@ -333,20 +333,30 @@ def test_gguf_tokenizer_fields(tokenizer, tmp_path):
     assert field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
 
 
-# llama.cpp's "gpt-2" pre-tokenizer regex (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GPT2)
-GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# llama.cpp's "gpt-2" pre-tokenizer (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GPT2): this regex, and text between two
+# matches kept as a piece of its own (GPT-2's own regex ends in "|\s+" instead, which matches exactly those pieces)
+LLAMA_CPP_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+
+
+def llama_cpp_gpt2_split(text):
+    pieces, end = [], 0
+    for match in regex.finditer(LLAMA_CPP_GPT2_REGEX, text):
+        pieces += [text[end : match.start()]] if match.start() > end else []
+        pieces.append(match.group())
+        end = match.end()
+    return pieces + ([text[end:]] if end < len(text) else [])
 
 
 def test_our_pre_tokenizer_splits_like_llama_cpp_gpt2(tokenizer):
-    """The words our tokenizer's pre-tokenizer makes equal those of the regex llama.cpp runs for pre='gpt-2'."""
+    """The words our tokenizer's pre-tokenizer makes equal those llama.cpp makes for pre='gpt-2'."""
     from tokenizers import decoders
 
     byte_level = decoders.ByteLevel()
-    texts = [TEXT, "naïve café — 2024's “quotes”\n\n  indented\tcode()", load_text_corpus(max_chars=2000)[0]]
+    texts = [TEXT, "naïve café — 2024's “quotes”\n\n  indented\tcode()\u00a0x\t\ty  ", *load_text_corpus(max_chars=3000)]
     for text in texts:
         words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
         pieces = [byte_level.decode([word]) for word, _ in words]
-        assert pieces == regex.findall(GPT2_REGEX, text)
+        assert pieces == llama_cpp_gpt2_split(text)
 
 
 def test_tokenizers_llama_cpp_would_split_differently_are_refused(tokenizer):
