@@ -352,7 +352,8 @@ def test_our_pre_tokenizer_splits_like_llama_cpp_gpt2(tokenizer):
     from tokenizers import decoders
 
     byte_level = decoders.ByteLevel()
-    texts = [TEXT, "naïve café — 2024's “quotes”\n\n  indented\tcode()\u00a0x\t\ty  ", *load_text_corpus(max_chars=3000)]
+    odd = "naïve café — 2024's “quotes”\n\n  indented\tcode()\u00a0x\t\ty  "
+    texts = [TEXT, odd, *load_text_corpus(max_chars=3000)]
     for text in texts:
         words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)
         pieces = [byte_level.decode([word]) for word, _ in words]
