@@ -16,7 +16,7 @@ import gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling_sparse_moe import SparseMoEForCausalLM
-from modeling_sparse_moe.conversion import from_hf, to_hf
+from modeling_sparse_moe.conversion import convert_folder, from_hf, to_hf
 from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
 from modeling_sparse_moe.export import (
     export_for_serving,
@@ -154,6 +154,10 @@ def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias(tokenizer, tmp_p
     assert back.config.router_type == "sigmoid" and (back.config.n_group, back.config.topk_group) == (4, 2)
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0)
+    glm.save_pretrained(tmp_path / "glm")  # per-expert layout on disk, streamed back (`scripts/convert.py --from auto`)
+    convert_folder(tmp_path / "glm", tmp_path / "back")
+    for key, value in SparseMoEForCausalLM.from_pretrained(tmp_path / "back").state_dict().items():
+        torch.testing.assert_close(value, ours.state_dict()[key], rtol=0, atol=0)
     glm.config.rope_parameters["partial_rotary_factor"] = 0.5  # real GLM-4.5 checkpoints rotate half of each head
     with pytest.raises(ValueError, match="partial_rotary_factor=0.5: SparseMoE rotates every head dimension"):
         from_hf(glm)
