@@ -382,7 +382,8 @@ def test_lora_adapter_is_merged_on_the_way(tokenizer, tmp_path):
 
     base = make_model(seed=2)
     base_dir = save(base, tmp_path / "base", tokenizer)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])  # LoRA on the 3D experts too
     peft_model = get_peft_model(make_model(seed=2), lora)
     peft_model.save_pretrained(tmp_path / "adapter")
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
