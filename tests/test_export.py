@@ -440,6 +440,10 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
     with pytest.raises(ValueError, match="gguf must be one of"):
         export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q3")
     assert not (tmp_path / "q4").exists()
+    with pytest.raises(ValueError, match="is a mixtral folder, not SparseMoE: it is already in a transformers family"):
+        export_for_serving(tmp_path / "out", tmp_path / "again")
+    with pytest.raises(ValueError, match="is not a folder"):
+        export_for_serving(tmp_path / "nowhere", tmp_path / "again")
 
     # the CLI: one error line and status 1; --overwrite replaces; a GGUF inside
     assert export_cli.main([str(src), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 1
