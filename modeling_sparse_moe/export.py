@@ -199,7 +199,18 @@ def export_for_serving(
                 quantized = tmp / f"model-{gguf_type}.gguf"
                 quantize_gguf(gguf_path, quantized, gguf_type)
                 gguf_path = quantized
+        _umask_permissions(tmp)
     return ExportResult(dst, family, dst / gguf_path.name if gguf_path is not None else None)
+
+
+def _umask_permissions(folder: Path) -> None:
+    """The permissions a plain `mkdir`/`open` would give: the temporary folder is private (0700) and some writers make
+    private files, but a served folder is often read by another user (a container, a server account)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _bullets(problems: list[str]) -> str:

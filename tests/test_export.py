@@ -3,6 +3,7 @@ GGUF files read back with `gguf` (names, shapes, values, tokenizer fields) and r
 llama.cpp's `llama` graph, refusals that leave nothing behind."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -456,6 +457,10 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
         "chat_template.jinja", "config.json", "generation_config.json", "model-q8_0.gguf", "model.safetensors",
         "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src", "tok"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not the temporary folder's private 0700
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o666 & ~umask}
 
 
 # ==================================================================================== in llama.cpp (engine checks)
