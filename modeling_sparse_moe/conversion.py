@@ -1,7 +1,7 @@
 # Copyright 2026 The sparse-moe authors. Licensed under the Apache License, Version 2.0.
 """Bridge between SparseMoE and the families transformers ships, in both directions, plus sparse upcycling.
 
-    from_hf(model_or_path)                  Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE  ->  SparseMoEForCausalLM
+    from_hf(model_or_path)                  Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / GLM-4-MoE -> SparseMoEForCausalLM
     to_hf(model, family)                    SparseMoEForCausalLM  ->  MixtralForCausalLM, Qwen2MoeForCausalLM, ...
     upcycle(dense_model_or_path, E, K)      Llama / Mistral / Qwen2 / Qwen3  ->  SparseMoEForCausalLM
     convert_folder(src, dst, to=None)       the first two, folder to folder, streamed tensor by tensor
@@ -17,7 +17,7 @@ plus the source shard being read, never two copies of the model.
 Weight layout. In memory, every family (and SparseMoE) stores experts fused: `mlp.experts.gate_up_proj` (E, 2F, D) =
 [gate; up] and `mlp.experts.down_proj` (E, D, F). On disk, the families' `save_pretrained` writes the per-expert
 layout that serving engines read (Mixtral: `block_sparse_moe.experts.{e}.w1/w3/w2.weight` and
-`block_sparse_moe.gate.weight`; Qwen2/3-MoE and OLMoE: `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`);
+`block_sparse_moe.gate.weight`; Qwen2/3-MoE, OLMoE and GLM-4-MoE: `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`);
 `_FamilyView` reads either layout and `_family_disk_items` writes the per-expert one. The only renamed module is
 Qwen2-MoE's `mlp.shared_expert` (ours: `mlp.shared_experts`).
 """
@@ -53,7 +53,9 @@ from .modeling_sparse_moe import AUTO_MAP, SparseMoEForCausalLM
 
 logger = logging.get_logger(__name__)
 
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
+# Families whose router keeps a selection-only `e_score_correction_bias` (ours carries over); the others have none.
+_BIASED_ROUTER_FAMILIES = ("glm4_moe",)
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -104,7 +106,7 @@ def to_hf(model_or_path, family: str, *, dtype: torch.dtype | None = None, attn_
     def build(config, source):
         if not isinstance(config, SparseMoEConfig):
             raise ValueError(f"to_hf expects a SparseMoE model, got model_type={config.model_type!r}.")
-        hf_config = hf_config_from_sparse(config, family, correction_bias_problems(config, source))
+        hf_config = hf_config_from_sparse(config, family, _bias_problems(family, config, source))
         return _causal_lm_class(family), hf_config, _plan_to_hf(family, hf_config), source
 
     return _convert(model_or_path, build, dtype, attn_implementation)
@@ -186,7 +188,7 @@ def convert_folder(
     if not isinstance(hf_config, SparseMoEConfig):
         raise ValueError(f"Converting to {to} expects a SparseMoE folder, got model_type={hf_config.model_type!r}.")
     with _atomic_output_dir(dst, overwrite) as tmp, _SafetensorsFolder(src) as source:
-        target_config = hf_config_from_sparse(hf_config, to, correction_bias_problems(hf_config, source))
+        target_config = hf_config_from_sparse(hf_config, to, _bias_problems(to, hf_config, source))
         dtype = source.dtype_of("model.embed_tokens.weight")
         plan = _plan_to_hf(to, target_config)
         _write_plan(plan, source, tmp, max_shard_size, disk_items=lambda k, t: _family_disk_items(to, k, t))
@@ -236,11 +238,13 @@ def sparse_config_from_hf(hf_config: PreTrainedConfig) -> SparseMoEConfig:
     fields = _transformer_fields(hf_config, problems)
     fields.update(
         num_experts_per_tok=hf_config.num_experts_per_tok,
-        router_aux_loss_coef=hf_config.router_aux_loss_coef,
+        router_aux_loss_coef=getattr(hf_config, "router_aux_loss_coef", SparseMoEConfig.router_aux_loss_coef),
         output_router_logits=hf_config.output_router_logits,
         router_type="softmax",
     )
-    if family == "mixtral":
+    if family == "glm4_moe":
+        fields.update(_glm4_moe_sparse_fields(hf_config, problems))
+    elif family == "mixtral":
         fields.update(
             num_experts=hf_config.num_local_experts,
             moe_intermediate_size=hf_config.intermediate_size,
@@ -269,7 +273,7 @@ def sparse_config_from_hf(hf_config: PreTrainedConfig) -> SparseMoEConfig:
             )
         else:
             fields.update(attention_bias=hf_config.attention_bias, qk_norm="head")
-    else:  # olmoe
+    elif family == "olmoe":
         fields.update(
             num_experts=hf_config.num_experts,
             moe_intermediate_size=hf_config.intermediate_size,
@@ -294,9 +298,113 @@ def hf_config_from_sparse(
     _check_family(family, MOE_FAMILIES, "hf_config_from_sparse")
     problems = list(extra_problems or [])
     n = config.num_hidden_layers
+    window = config.sliding_window
+    problems += _glm4_moe_problems(config) if family == "glm4_moe" else _softmax_family_problems(config, family)
+    _raise_if(problems, f"Cannot express this SparseMoE model as {family}")
+
+    dropped = [
+        f"{name}={getattr(config, name)}"
+        for name, off in (
+            ("capacity_factor", None),
+            ("router_z_loss_coef", 0),
+            ("router_bias_update_rate", 0),
+            ("router_jitter_noise", 0),
+        )
+        if getattr(config, name) != off and not (family == "mixtral" and name == "router_jitter_noise")
+    ]
+    if dropped:
+        logger.warning(f"to_hf({family!r}) drops training-only settings {family} has no field for: {dropped}")
+
+    fields = dict(
+        _common_fields(config),
+        num_hidden_layers=n,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        num_experts_per_tok=config.num_experts_per_tok,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        output_router_logits=config.output_router_logits,
+    )
+    if family == "glm4_moe":
+        # NOTE: GLM-4-MoE rotates half of each head by default (`partial_rotary_factor=0.5`); SparseMoE all of it.
+        # Its config has no `head_dim` field but its attention reads one when set; it has no MTP layers here.
+        fields["rope_parameters"]["partial_rotary_factor"] = 1.0
+        fields.update(
+            n_routed_experts=config.num_experts,
+            moe_intermediate_size=config.moe_intermediate_size,
+            intermediate_size=config.intermediate_size,
+            n_shared_experts=config.num_shared_experts,
+            first_k_dense_replace=min(config.first_k_dense_replace, n),
+            n_group=config.n_group,
+            topk_group=config.topk_group,
+            routed_scaling_factor=config.routed_scaling_factor,
+            norm_topk_prob=config.norm_topk_prob,
+            use_qk_norm=config.qk_norm == "head",
+            attention_bias=config.attention_bias,
+            num_nextn_predict_layers=0,
+            partial_rotary_factor=1.0,
+        )
+    elif family == "mixtral":
+        fields.update(
+            num_local_experts=config.num_experts,
+            intermediate_size=config.moe_intermediate_size,
+            sliding_window=window,
+            router_jitter_noise=config.router_jitter_noise,
+        )
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        # Qwen has no first_k_dense_replace; listing those layers in mlp_only_layers is the same structure.
+        mlp_only = sorted(set(config.mlp_only_layers) | set(range(min(config.first_k_dense_replace, n))))
+        fields.update(
+            num_experts=config.num_experts,
+            moe_intermediate_size=config.moe_intermediate_size,
+            intermediate_size=config.intermediate_size,
+            decoder_sparse_step=config.moe_layer_freq,
+            mlp_only_layers=mlp_only,
+            norm_topk_prob=config.norm_topk_prob,
+            use_sliding_window=window is not None,
+        )
+        if window is not None:
+            fields["sliding_window"] = window
+        if family == "qwen2_moe":
+            # Qwen2-MoE picks sliding layers from `layer_types`; SparseMoE's window applies to every layer.
+            fields.update(
+                qkv_bias=config.attention_bias,
+                shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                layer_types=["sliding_attention" if window is not None else "full_attention"] * n,
+                max_window_layers=n,
+            )
+        else:
+            fields["attention_bias"] = config.attention_bias
+    else:  # olmoe
+        fields.update(
+            num_experts=config.num_experts,
+            intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            attention_bias=config.attention_bias,
+            clip_qkv=None,
+        )
+    hf_config = CONFIG_MAPPING[family](**fields)
+    hf_config.dtype = config.dtype
+    if family == "glm4_moe":
+        # NOTE: also saved at the top level of config.json, where engines (vLLM's Glm4Moe) and older transformers
+        # look for it, with 0.5 as their default.
+        hf_config.partial_rotary_factor = 1.0
+    return hf_config
+
+
+def family_problems(config: SparseMoEConfig, family: str, source=None) -> list[str]:
+    """Every feature of `config` (and, given its tensors `source`, of its router biases) that `family` cannot express;
+    empty when `to_hf(model, family)` gives the same logits. Training-only settings are not problems."""
+    _check_family(family, MOE_FAMILIES, "family_problems")
+    problems = _bias_problems(family, config, source) if source is not None else []
+    return problems + (_glm4_moe_problems(config) if family == "glm4_moe" else _softmax_family_problems(config, family))
+
+
+def _softmax_family_problems(config: SparseMoEConfig, family: str) -> list[str]:
+    """What Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE cannot express of `config` (see `hf_config_from_sparse`)."""
+    problems: list[str] = []
+    n = config.num_hidden_layers
     dense_layers = [i for i in range(n) if not config.is_moe_layer(i)]
     window = config.sliding_window
-
     # Routing every family shares: softmax top-k, no scaling, no group limit.
     if config.router_type != "softmax":
         problems.append(f"router_type={config.router_type!r}: {family} routes with a softmax")
@@ -338,72 +446,69 @@ def hf_config_from_sparse(
             problems.append(f"sliding_window={window}: olmoe has full causal attention only")
         if config.head_dim != config.hidden_size // config.num_attention_heads:
             problems.append(f"head_dim={config.head_dim}: olmoe needs head_dim == hidden_size // num_attention_heads")
-    _raise_if(problems, f"Cannot express this SparseMoE model as {family}")
+    return problems
 
-    dropped = [
-        f"{name}={getattr(config, name)}"
-        for name, off in (
-            ("capacity_factor", None),
-            ("router_z_loss_coef", 0),
-            ("router_bias_update_rate", 0),
-            ("router_jitter_noise", 0),
+
+def _glm4_moe_problems(config: SparseMoEConfig) -> list[str]:
+    """What GLM-4-MoE (`Glm4MoeForCausalLM`: sigmoid routing with a correction bias, group-limited top-k, scaling,
+    ungated shared experts, leading dense layers, optional per-head qk-norm) cannot express of `config`."""
+    problems: list[str] = []
+    n = config.num_hidden_layers
+    if config.router_type != "sigmoid":
+        problems.append(f"router_type={config.router_type!r}: glm4_moe routes with a sigmoid")
+    if config.num_experts // config.n_group < 2:
+        problems.append(f"n_group={config.n_group}: glm4_moe scores a group by its top-2 experts, so groups need >= 2")
+    if config.num_shared_experts == 0:
+        problems.append("num_shared_experts=0: glm4_moe always has shared experts")
+    elif config.shared_expert_intermediate_size != config.moe_intermediate_size * config.num_shared_experts:
+        problems.append(
+            f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: glm4_moe's shared MLP is "
+            f"moe_intermediate_size * num_shared_experts = {config.moe_intermediate_size * config.num_shared_experts}"
         )
-        if getattr(config, name) != off and not (family == "mixtral" and name == "router_jitter_noise")
-    ]
-    if dropped:
-        logger.warning(f"to_hf({family!r}) drops training-only settings {family} has no field for: {dropped}")
+    if config.shared_expert_gate:
+        problems.append("shared_expert_gate=True: glm4_moe's shared experts are not gated")
+    leading = list(range(min(config.first_k_dense_replace, n)))
+    dense_layers = [i for i in range(n) if not config.is_moe_layer(i)]
+    if dense_layers != leading:
+        problems.append(
+            f"dense MLP layers {dense_layers} (moe_layer_freq={config.moe_layer_freq}, mlp_only_layers="
+            f"{config.mlp_only_layers}): glm4_moe's dense layers are the first first_k_dense_replace only"
+        )
+    if config.qk_norm == "full":
+        problems.append("qk_norm='full': glm4_moe's optional qk-norm is per head ('head')")
+    if config.attention_out_bias:
+        problems.append("attention_out_bias=True: glm4_moe has q/k/v bias but no o_proj bias")
+    if config.sliding_window is not None:
+        problems.append(f"sliding_window={config.sliding_window}: glm4_moe has full causal attention only")
+    return problems
 
-    fields = dict(
-        _common_fields(config),
-        num_hidden_layers=n,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        num_experts_per_tok=config.num_experts_per_tok,
-        router_aux_loss_coef=config.router_aux_loss_coef,
-        output_router_logits=config.output_router_logits,
+
+def _glm4_moe_sparse_fields(hf_config: PreTrainedConfig, problems: list[str]) -> dict:
+    """SparseMoEConfig fields of a GLM-4-MoE config (the inverse of `hf_config_from_sparse(..., "glm4_moe")`)."""
+    rotary = (hf_config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    if rotary != 1.0:
+        problems.append(f"partial_rotary_factor={rotary}: SparseMoE rotates every head dimension")
+    return dict(
+        router_type="sigmoid",
+        num_experts=hf_config.n_routed_experts,
+        moe_intermediate_size=hf_config.moe_intermediate_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_shared_experts=hf_config.n_shared_experts,
+        shared_expert_intermediate_size=hf_config.moe_intermediate_size * max(hf_config.n_shared_experts, 1),
+        first_k_dense_replace=hf_config.first_k_dense_replace,
+        n_group=hf_config.n_group,
+        topk_group=hf_config.topk_group,
+        routed_scaling_factor=hf_config.routed_scaling_factor,
+        norm_topk_prob=hf_config.norm_topk_prob,
+        qk_norm="head" if hf_config.use_qk_norm else "none",
+        attention_bias=hf_config.attention_bias,
+        attention_out_bias=False,
     )
-    if family == "mixtral":
-        fields.update(
-            num_local_experts=config.num_experts,
-            intermediate_size=config.moe_intermediate_size,
-            sliding_window=window,
-            router_jitter_noise=config.router_jitter_noise,
-        )
-    elif family in ("qwen2_moe", "qwen3_moe"):
-        # Qwen has no first_k_dense_replace; listing those layers in mlp_only_layers is the same structure.
-        mlp_only = sorted(set(config.mlp_only_layers) | set(range(min(config.first_k_dense_replace, n))))
-        fields.update(
-            num_experts=config.num_experts,
-            moe_intermediate_size=config.moe_intermediate_size,
-            intermediate_size=config.intermediate_size,
-            decoder_sparse_step=config.moe_layer_freq,
-            mlp_only_layers=mlp_only,
-            norm_topk_prob=config.norm_topk_prob,
-            use_sliding_window=window is not None,
-        )
-        if window is not None:
-            fields["sliding_window"] = window
-        if family == "qwen2_moe":
-            # Qwen2-MoE picks sliding layers from `layer_types`; SparseMoE's window applies to every layer.
-            fields.update(
-                qkv_bias=config.attention_bias,
-                shared_expert_intermediate_size=config.shared_expert_intermediate_size,
-                layer_types=["sliding_attention" if window is not None else "full_attention"] * n,
-                max_window_layers=n,
-            )
-        else:
-            fields["attention_bias"] = config.attention_bias
-    else:  # olmoe
-        fields.update(
-            num_experts=config.num_experts,
-            intermediate_size=config.moe_intermediate_size,
-            norm_topk_prob=config.norm_topk_prob,
-            attention_bias=config.attention_bias,
-            clip_qkv=None,
-        )
-    hf_config = CONFIG_MAPPING[family](**fields)
-    hf_config.dtype = config.dtype
-    return hf_config
+
+
+def _bias_problems(family: str, config: SparseMoEConfig, source) -> list[str]:
+    """`correction_bias_problems`, for the families whose routers have no correction bias."""
+    return [] if family in _BIASED_ROUTER_FAMILIES else correction_bias_problems(config, source)
 
 
 def upcycle_config(
@@ -507,7 +612,7 @@ def _uniform_sliding_window(cfg: PreTrainedConfig, problems: list[str]) -> int |
 def _plan_from_hf(family: str, config: SparseMoEConfig) -> dict[str, Recipe]:
     plan = {}
     for key in _target_keys(SparseMoEForCausalLM, config):
-        if key.endswith(".mlp.gate.e_score_correction_bias"):
+        if key.endswith(".mlp.gate.e_score_correction_bias") and family not in _BIASED_ROUTER_FAMILIES:
             plan[key] = _zeros((config.num_experts,), torch.float32)
         elif family == "qwen2_moe":
             plan[key] = _read(key.replace(".mlp.shared_experts.", ".mlp.shared_expert."))
@@ -967,4 +1072,5 @@ __all__ = [
     "hf_config_from_sparse",
     "upcycle_config",
     "correction_bias_problems",
+    "family_problems",
 ]
