@@ -20,10 +20,12 @@ models compare) and `perplexity = exp(eval_loss)`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -115,9 +117,14 @@ class DataTrainingArguments:
 
 
 # ------------------------------------------------------------------------------------------------------------ config
-def parse_config_overrides(overrides: str) -> dict[str, object]:
-    """'a=1,b=0.5,c=true,d=none,e=softmax' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'softmax'} (JSON values;
-    anything else is a string). Lists are JSON too: 'mlp_only_layers=[0,1]' (commas inside brackets are kept)."""
+def parse_config_overrides(overrides: str, config=None) -> dict[str, object]:
+    """'a=1,b=0.5,c=true,d=none,e=softmax' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'softmax'}. Commas inside
+    brackets are kept, so lists and dicts are JSON: 'mlp_only_layers=[0,1]'.
+
+    With `config`, each value is parsed by the type its field declares (the config is a dataclass): `capacity_factor=1`
+    is a float field's 1.0, `qk_norm=none` stays the string 'none' (a `str` field), `none` / `null` is None only where
+    the field allows None, and a value of no declared type raises a `ValueError` naming the field. Keys the config
+    does not declare are left to `apply_config_overrides`. Without `config`, values are guessed (JSON, else string)."""
     parsed: dict[str, object] = {}
     for item in _split_top_level(overrides):
         if not item.strip():
@@ -125,26 +132,91 @@ def parse_config_overrides(overrides: str) -> dict[str, object]:
         if "=" not in item:
             raise ValueError(f"--config_overrides: {item!r} is not key=value")
         key, raw = (part.strip() for part in item.split("=", 1))
-        lowered = raw.lower()
-        if lowered in ("none", "null"):
-            value: object = None
-        elif lowered in ("true", "false"):
-            value = lowered == "true"
-        else:
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                value = raw
-        parsed[key] = value
+        declared = _declared_types(config, key) if config is not None else None
+        parsed[key] = _guess_value(raw) if declared is None else _parse_declared(config, key, raw, *declared)
     return parsed
 
 
-def _split_top_level(text: str) -> list[str]:
+def _guess_value(raw: str) -> object:
+    lowered = raw.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+# How an annotation's alternatives read as value kinds. NOTE: `PreTrainedConfig`'s own fields are annotated as strings
+# (`from __future__ import annotations` in transformers), ours as types: both are read from their text.
+_KIND_OF_TYPE = {"None": "none", "NoneType": "none", "bool": "bool", "int": "int", "float": "float", "str": "str",
+                 "list": "list", "tuple": "list", "dict": "dict", "Literal": "str", "torch.dtype": "str",
+                 "RopeParameters": "dict"}
+_KIND_TEXT = {"none": "None", "bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+              "list": "a JSON list like [0,1]", "dict": 'a JSON object like {"key": 1}'}
+
+
+def _declared_types(config, key: str) -> tuple[set[str], str] | None:
+    """The value kinds ('none', 'bool', 'int', 'float', 'str', 'list', 'dict') that field `key` of `config`'s dataclass
+    declares, and the annotation as written; None for a key that is not a declared field or has a type we can't read."""
+    if not dataclasses.is_dataclass(config):
+        return None
+    annotation = next((f.type for f in dataclasses.fields(config) if f.name == key), None)
+    if annotation is None:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    if getattr(annotation, "__args__", None) is not None and not isinstance(annotation, str):
+        text = str(annotation)  # `int | None`, `list[int]`: the union's text, not a bare name
+    text = text.replace("typing.", "")
+    kinds = set()
+    for part in _split_top_level(text, separator="|"):
+        part = part.strip()
+        name = part.split("[", 1)[0].strip()
+        kind = _KIND_OF_TYPE.get(name) or _KIND_OF_TYPE.get(name.rsplit(".", 1)[-1])
+        if kind is None:
+            return None
+        kinds.add(kind)
+    return kinds, text
+
+
+def _parse_declared(config, key: str, raw: str, kinds: set[str], declared: str) -> object:
+    lowered = raw.lower()
+    if "none" in kinds and lowered in ("none", "null"):
+        return None
+    if "bool" in kinds and lowered in ("true", "false"):
+        return lowered == "true"
+    if "int" in kinds and re.fullmatch(r"[+-]?\d+", raw):
+        return int(raw)
+    if "float" in kinds:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    if kinds & {"list", "dict"} and raw[:1] in "[{":
+        try:
+            value = json.loads(raw)
+        except ValueError as error:
+            raise ValueError(f"--config_overrides: {type(config).__name__}.{key}={raw!r} is not valid JSON: {error}")
+        if isinstance(value, list) and "list" in kinds or isinstance(value, dict) and "dict" in kinds:
+            return value
+    if "str" in kinds:
+        return raw
+    shown = kinds - {"int"} if "float" in kinds else kinds  # "a number" covers the integers
+    expected = " or ".join(_KIND_TEXT[kind] for kind in _KIND_TEXT if kind in shown)
+    raise ValueError(
+        f"--config_overrides: {type(config).__name__}.{key}={raw!r} is invalid: must be {expected} "
+        f"(declared type: {declared})"
+    )
+
+
+def _split_top_level(text: str, separator: str = ",") -> list[str]:
     items, depth, current = [], 0, ""
     for char in text:
         depth += char in "[{"
         depth -= char in "]}"
-        if char == "," and depth == 0:
+        if char == separator and depth == 0:
             items.append(current)
             current = ""
         else:
@@ -154,9 +226,13 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def apply_config_overrides(config, overrides: str | dict) -> transformers.PretrainedConfig:
-    """A copy of `config` with the overrides applied and validated again. Unknown keys and invalid values raise a
-    `ValueError` naming the field."""
-    values = parse_config_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+    """A copy of `config` with the overrides applied, then validated as a freshly built config is (for
+    `SparseMoEConfig`: `validate`, which also fills derived defaults such as the shared-expert width). A string is
+    parsed by `parse_config_overrides(overrides, config)`, so every declared field can be set, `None` defaults
+    included (`capacity_factor=1.25`, `sliding_window=64`, `shared_expert_intermediate_size=256`), and set back to
+    None where its type allows (`capacity_factor=none`). Unknown keys and invalid values raise a `ValueError` naming
+    the field."""
+    values = parse_config_overrides(overrides, config) if isinstance(overrides, str) else dict(overrides)
     known = config.to_dict()
     for key, value in values.items():
         if key not in known:
@@ -165,7 +241,9 @@ def apply_config_overrides(config, overrides: str | dict) -> transformers.Pretra
                 f"known fields: {', '.join(sorted(k for k in known if not k.startswith('_')))}"
             )
         before = known[key]
-        if before is not None and value is not None and isinstance(before, (int, float)) and not isinstance(before, bool):
+        if _declared_types(config, key) is not None or before is None or value is None:
+            continue  # declared fields: typed above (strings) or checked by the config's own validation (dicts)
+        if isinstance(before, (int, float)) and not isinstance(before, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"--config_overrides: {key}={value!r} is not a number (was {before!r})")
     merged = {**known, **values}

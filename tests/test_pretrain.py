@@ -136,7 +136,7 @@ def test_bad_input_names_the_file_or_field(train_file, tmp_path):
         main(_argv(train_file, tmp_path / "c", "--config_overrides", "num_expertz=4"))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         main(_argv(train_file, tmp_path / "d", "--config_overrides", "num_experts_per_tok=9"))
-    with pytest.raises(ValueError, match="hidden_size=.*not a number"):
+    with pytest.raises(ValueError, match=r"SparseMoEConfig\.hidden_size=.*must be an integer"):
         main(_argv(train_file, tmp_path / "e", "--config_overrides", "hidden_size=wide"))
     with pytest.raises(ValueError, match="unsupported extension"):
         (tmp_path / "x.parquet").write_text("")
