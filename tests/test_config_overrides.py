@@ -195,7 +195,7 @@ def test_config_overrides_set_every_field(field):
         assert getattr(config, key) == value, key
         if isinstance(value, float):
             assert type(getattr(config, key)) is float, key  # parsed by the declared type, not left a string
-    untouched = {  # nothing else changesk: v for k, v in default.to_dict().items() if k not in expected}
+    untouched = {k: v for k, v in default.to_dict().items() if k not in expected}  # nothing else changes
     assert {k: config.to_dict()[k] for k in untouched} == untouched
     config.validate()  # a valid config: a model can be built from it
 
