@@ -114,6 +114,17 @@ class DataTrainingArguments:
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached tokenised datasets."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for `datasets.map`."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks of .txt files."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the corpus (`datasets` streaming): tokenised and packed on the fly as training reads "
+                  "it, never all in memory. Needs --max_steps. Without a validation split, every 100 texts the first "
+                  "--validation_split_percentage are held out."},
+    )
+    streaming_shuffle_buffer: int = field(
+        default=0,
+        metadata={"help": "With --streaming: shuffle the blocks in a buffer of this many (seeded by --seed); 0 keeps "
+                  "the file's order, as run_clm does."},
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -298,17 +309,20 @@ def _builder_for(path: str) -> str:
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments | None = None):
-    """A `DatasetDict` with `train` and `validation` splits holding a text column. Order of sources: `dataset_name`,
-    `train_file` / `validation_file`, else the World English Bible. Without a validation split,
-    `validation_split_percentage` percent of the training texts (whole texts, fixed seed) are held out."""
+    """A `DatasetDict` with `train` and `validation` splits holding a text column (an `IterableDatasetDict` with
+    `--streaming`). Order of sources: `dataset_name`, `train_file` / `validation_file`, else the World English Bible.
+    Without a validation split, `validation_split_percentage` percent of the training texts (whole texts, fixed seed)
+    are held out; a stream holds out the first that many texts of every 100."""
     cache_dir = model_args.cache_dir if model_args else None
     column = data_args.text_column_name
+    streaming = data_args.streaming
     if data_args.dataset_name is not None:
         raw = datasets.load_dataset(
             data_args.dataset_name,
             data_args.dataset_config_name,
             cache_dir=cache_dir,
             token=model_args.token if model_args else None,
+            streaming=streaming,
         )
         source = data_args.dataset_name
     elif data_args.train_file is not None or data_args.validation_file is not None:
@@ -322,50 +336,68 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
             raise ValueError(f"--train_file and --validation_file must have the same format, got {files}")
         builder = next(iter(builders.values()))
         extra = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
-        raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **extra)
+        raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, streaming=streaming, **extra)
         source = data_args.train_file
     else:
-        raw = datasets.load_dataset("json", data_files={"train": str(bible_jsonl(cache_dir))}, cache_dir=cache_dir)
+        raw = datasets.load_dataset("json", data_files={"train": str(bible_jsonl(cache_dir))}, cache_dir=cache_dir,
+                                    streaming=streaming)
         if data_args.max_corpus_chars is not None:
-            raw["train"] = _first_chars(raw["train"], column, data_args.max_corpus_chars)
+            if streaming:  # the same chapters as `_first_chars` keeps (the Bible is small enough to count)
+                raw["train"] = raw["train"].take(len(load_bible_corpus(max_chars=data_args.max_corpus_chars)))
+            else:
+                raw["train"] = _first_chars(raw["train"], column, data_args.max_corpus_chars)
         source = BIBLE
     for split, dataset in raw.items():
-        if column not in dataset.column_names:
+        columns = _column_names(dataset)
+        if column not in columns:
             where = data_args.train_file if split == "train" else data_args.validation_file
             where = where or source
             raise ValueError(
-                f"{where}: no {column!r} column in the {split} split (columns: {', '.join(dataset.column_names)}); "
+                f"{where}: no {column!r} column in the {split} split (columns: {', '.join(columns)}); "
                 f"name the text column with --text_column_name"
             )
     if "validation" not in raw:
         if not 0 < data_args.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be between 1 and 99 without a validation split")
-        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=SPLIT_SEED)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+        if streaming:
+            raw = _hold_out_stream(raw["train"], data_args.validation_split_percentage)
+        else:
+            split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100,
+                                                  seed=SPLIT_SEED)
+            raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     return raw
 
 
-def _first_chars(dataset, column: str, max_chars: int):
-    total = 0
-    for i, text in enumerate(dataset[column]):
-        total += len(text)
-        if total >= max_chars:
-            return dataset.select(range(i + 1))
-    return dataset
+def _column_names(dataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # a stream of unknown features: look at its first row
+    return list(first) if first is not None else []
+
+
+def _hold_out_stream(train, percentage: int) -> datasets.IterableDatasetDict:
+    """Split a stream of unknown length: of every 100 texts, the first `percentage` go to validation."""
+    return datasets.IterableDatasetDict({
+        "train": train.filter(lambda _, i: i % 100 >= percentage, with_indices=True),
+        "validation": train.filter(lambda _, i: i % 100 < percentage, with_indices=True),
+    })
 
 
 def tokenize_and_pack(raw, tokenizer, block_size: int, data_args: DataTrainingArguments, training_args=None):
     """Tokenise every text (followed by EOS), concatenate and cut into `block_size` blocks with `labels = input_ids`,
-    through batched, cached `datasets.map` calls (their progress bars show)."""
+    through batched `datasets.map` calls: cached, with progress bars, for a `DatasetDict`; lazily, as training reads
+    the blocks, for a stream (`IterableDatasetDict`). Both cut the same blocks from the same texts: the tail of every
+    1,000 texts that does not fill a block is dropped alike."""
     column = data_args.text_column_name
     eos = tokenizer.eos_token_id
+    streaming = isinstance(raw, datasets.IterableDatasetDict)
 
     def tokenize(examples):
         out = tokenizer(examples[column])
+        ids, mask = out["input_ids"], out["attention_mask"]
         if eos is not None:
-            out["input_ids"] = [ids + [eos] for ids in out["input_ids"]]
-            out["attention_mask"] = [mask + [1] for mask in out["attention_mask"]]
-        return out
+            ids, mask = [row + [eos] for row in ids], [row + [1] for row in mask]
+        return {"input_ids": ids, "attention_mask": mask}
 
     def group_texts(examples):
         joined = {key: list(chain(*examples[key])) for key in examples}
@@ -374,27 +406,79 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, data_args: DataTrainingAr
         result["labels"] = [list(ids) for ids in result["input_ids"]]
         return result
 
-    first = training_args.main_process_first if training_args is not None else None
+    def options(desc: str) -> dict:
+        if streaming:  # NOTE: a stream's map runs as the blocks are read: no processes, cache files or bars
+            return {}
+        return {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache,
+                "desc": desc}
+
+    first = training_args.main_process_first if training_args is not None and not streaming else None
     context = first(desc="dataset map tokenization") if first is not None else _null_context()
     with context:
-        tokenized = raw.map(
-            tokenize,
-            batched=True,
-            num_proc=data_args.preprocessing_num_workers,
-            remove_columns=raw["train"].column_names,
-            load_from_cache_file=not data_args.overwrite_cache,
-            desc="Running tokenizer on dataset",
-        )
-        keep = ["input_ids", "attention_mask"]
-        tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c not in keep])
-        packed = tokenized.map(
-            group_texts,
-            batched=True,
-            num_proc=data_args.preprocessing_num_workers,
-            load_from_cache_file=not data_args.overwrite_cache,
-            desc=f"Grouping texts in chunks of {block_size}",
-        )
+        texts = raw.select_columns([column])
+        tokenized = texts.map(tokenize, batched=True, remove_columns=[column], **options("Running tokenizer on dataset"))
+        packed = tokenized.map(group_texts, batched=True, **options(f"Grouping texts in chunks of {block_size}"))
     return packed
+
+
+# A stream trains its tokenizer (when none is given) on its first texts only: a corpus bigger than memory has no
+# "whole training split" to read first.
+TOKENIZER_STREAM_TEXTS = 100_000
+
+
+def _tokenizer_texts(train, data_args: DataTrainingArguments):
+    column = data_args.text_column_name
+    if not data_args.streaming:
+        return train[column]
+    logger.info("Training the tokenizer on the first %d texts of the stream", TOKENIZER_STREAM_TEXTS)
+    return [row[column] for row in train.take(TOKENIZER_STREAM_TEXTS)]
+
+
+def training_blocks(raw, tokenizer, block_size: int, data_args: DataTrainingArguments, training_args):
+    """The (train, validation) block datasets of `raw`: `tokenize_and_pack`, then `--max_train_samples` /
+    `--max_eval_samples`. With `--streaming` both are `IterableDataset`s read lazily; the training one repeats
+    without end (Trainer stops at `--max_steps`) and is shuffled in a buffer of `--streaming_shuffle_buffer` blocks
+    when that is > 0. An empty split that is needed raises a `ValueError`."""
+    packed = tokenize_and_pack(raw, tokenizer, block_size, data_args, training_args)
+    train_dataset, eval_dataset = packed["train"], packed["validation"]
+    if data_args.streaming:
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.take(data_args.max_train_samples)
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.take(data_args.max_eval_samples)
+    else:
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    if training_args.do_train and _is_empty(train_dataset):
+        raise ValueError(f"no training block of {block_size} tokens: the training text is too short")
+    if training_args.do_eval and _is_empty(eval_dataset):
+        raise ValueError(f"no validation block of {block_size} tokens: the validation text is too short")
+    if data_args.streaming:
+        # NOTE: Trainer ends an epoch when a stream runs out and restarts it, but on resume it skips
+        # `global_step` batches of a *fresh* stream: past the first pass that skips too far (and stops training
+        # when nothing is left). One endless stream makes the skip exact in every pass.
+        train_dataset = train_dataset.repeat(None)
+        if data_args.streaming_shuffle_buffer > 0:  # after repeat: the buffer keeps mixing, so each pass differs
+            train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.streaming_shuffle_buffer)
+    return train_dataset, eval_dataset
+
+
+def _is_empty(dataset) -> bool:
+    if isinstance(dataset, datasets.IterableDataset):
+        return next(iter(dataset), None) is None  # reads (and packs) only up to the first block
+    return len(dataset) == 0
+
+
+def _num_rows(dataset, trainer=None) -> int | str:
+    """Blocks in a dataset; for a stream, those training consumed (with a `trainer` after training), else 'streamed'."""
+    if not isinstance(dataset, datasets.IterableDataset):
+        return len(dataset)
+    if trainer is None:
+        return "streamed"
+    args = trainer.args
+    return trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 class _null_context:
@@ -475,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     checkpoint = _resume_checkpoint(training_args) if training_args.do_train else None
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length, so Trainer cannot count epochs "
+                         "(the stream restarts from its beginning when it runs out before --max_steps)")
 
     import modeling_sparse_moe  # noqa: F401  (registers the sparse_moe model type with the Auto classes)
 
@@ -491,21 +578,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         logger.info("Training a %d-token BPE tokenizer on the training split", config.vocab_size)
-        tokenizer = train_tokenizer(raw["train"][data_args.text_column_name], vocab_size=config.vocab_size)
+        tokenizer = train_tokenizer(_tokenizer_texts(raw["train"], data_args), vocab_size=config.vocab_size)
 
     block_size = data_args.block_size or default_block_size(config, tokenizer)
     if block_size > config.max_position_embeddings:
         raise ValueError(f"--block_size {block_size} exceeds max_position_embeddings={config.max_position_embeddings}")
-    packed = tokenize_and_pack(raw, tokenizer, block_size, data_args, training_args)
-    train_dataset, eval_dataset = packed["train"], packed["validation"]
-    if data_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
-    if training_args.do_train and len(train_dataset) == 0:
-        raise ValueError(f"no training block of {block_size} tokens: the training text is too short")
-    if training_args.do_eval and len(eval_dataset) == 0:
-        raise ValueError(f"no validation block of {block_size} tokens: the validation text is too short")
+    train_dataset, eval_dataset = training_blocks(raw, tokenizer, block_size, data_args, training_args)
 
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
@@ -521,8 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("Model: %.2fM parameters, blocks of %d tokens, %d train / %d eval blocks", n_params / 1e6, block_size,
-                len(train_dataset), len(eval_dataset))
+    logger.info("Model: %.2fM parameters, blocks of %d tokens, %s train / %s eval blocks", n_params / 1e6, block_size,
+                _num_rows(train_dataset), _num_rows(eval_dataset))
 
     trainer = PretrainingTrainer(
         model=model,
@@ -542,14 +620,15 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
+        metrics["train_samples"] = _num_rows(train_dataset, trainer)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         result["train"] = metrics
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
+        if not data_args.streaming:
+            metrics["eval_samples"] = len(eval_dataset)
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -937,6 +1016,7 @@ __all__ = [
     "build_config",
     "load_raw_datasets",
     "main",
+    "training_blocks",
     "parse_config_overrides",
     "tokenize_and_pack",
 ]
