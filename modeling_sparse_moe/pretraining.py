@@ -20,10 +20,12 @@ models compare) and `perplexity = exp(eval_loss)`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -112,12 +114,28 @@ class DataTrainingArguments:
     overwrite_cache: bool = field(default=False, metadata={"help": "Recompute the cached tokenised datasets."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for `datasets.map`."})
     keep_linebreaks: bool = field(default=True, metadata={"help": "Keep line breaks of .txt files."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the corpus (`datasets` streaming): tokenised and packed on the fly as training reads "
+                  "it, never all in memory. Needs --max_steps. Without a validation split, every 100 texts the first "
+                  "--validation_split_percentage are held out."},
+    )
+    streaming_shuffle_buffer: int = field(
+        default=0,
+        metadata={"help": "With --streaming: shuffle the blocks in a buffer of this many (seeded by --seed); 0 keeps "
+                  "the file's order, as run_clm does."},
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ config
-def parse_config_overrides(overrides: str) -> dict[str, object]:
-    """'a=1,b=0.5,c=true,d=none,e=softmax' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'softmax'} (JSON values;
-    anything else is a string). Lists are JSON too: 'mlp_only_layers=[0,1]' (commas inside brackets are kept)."""
+def parse_config_overrides(overrides: str, config=None) -> dict[str, object]:
+    """'a=1,b=0.5,c=true,d=none,e=softmax' -> {'a': 1, 'b': 0.5, 'c': True, 'd': None, 'e': 'softmax'}. Commas inside
+    brackets are kept, so lists and dicts are JSON: 'mlp_only_layers=[0,1]'.
+
+    With `config`, each value is parsed by the type its field declares (the config is a dataclass): `capacity_factor=1`
+    is a float field's 1.0, `qk_norm=none` stays the string 'none' (a `str` field), `none` / `null` is None only where
+    the field allows None, and a value of no declared type raises a `ValueError` naming the field. Keys the config
+    does not declare are left to `apply_config_overrides`. Without `config`, values are guessed (JSON, else string)."""
     parsed: dict[str, object] = {}
     for item in _split_top_level(overrides):
         if not item.strip():
@@ -125,26 +143,91 @@ def parse_config_overrides(overrides: str) -> dict[str, object]:
         if "=" not in item:
             raise ValueError(f"--config_overrides: {item!r} is not key=value")
         key, raw = (part.strip() for part in item.split("=", 1))
-        lowered = raw.lower()
-        if lowered in ("none", "null"):
-            value: object = None
-        elif lowered in ("true", "false"):
-            value = lowered == "true"
-        else:
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                value = raw
-        parsed[key] = value
+        declared = _declared_types(config, key) if config is not None else None
+        parsed[key] = _guess_value(raw) if declared is None else _parse_declared(config, key, raw, *declared)
     return parsed
 
 
-def _split_top_level(text: str) -> list[str]:
+def _guess_value(raw: str) -> object:
+    lowered = raw.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+# How an annotation's alternatives read as value kinds. NOTE: `PreTrainedConfig`'s own fields are annotated as strings
+# (`from __future__ import annotations` in transformers), ours as types: both are read from their text.
+_KIND_OF_TYPE = {"None": "none", "NoneType": "none", "bool": "bool", "int": "int", "float": "float", "str": "str",
+                 "list": "list", "tuple": "list", "dict": "dict", "Literal": "str", "torch.dtype": "str",
+                 "RopeParameters": "dict"}
+_KIND_TEXT = {"none": "None", "bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+              "list": "a JSON list like [0,1]", "dict": 'a JSON object like {"key": 1}'}
+
+
+def _declared_types(config, key: str) -> tuple[set[str], str] | None:
+    """The value kinds ('none', 'bool', 'int', 'float', 'str', 'list', 'dict') that field `key` of `config`'s dataclass
+    declares, and the annotation as written; None for a key that is not a declared field or has a type we can't read."""
+    if not dataclasses.is_dataclass(config):
+        return None
+    annotation = next((f.type for f in dataclasses.fields(config) if f.name == key), None)
+    if annotation is None:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None) or str(annotation)
+    if getattr(annotation, "__args__", None) is not None and not isinstance(annotation, str):
+        text = str(annotation)  # `int | None`, `list[int]`: the union's text, not a bare name
+    text = text.replace("typing.", "")
+    kinds = set()
+    for part in _split_top_level(text, separator="|"):
+        part = part.strip()
+        name = part.split("[", 1)[0].strip()
+        kind = _KIND_OF_TYPE.get(name) or _KIND_OF_TYPE.get(name.rsplit(".", 1)[-1])
+        if kind is None:
+            return None
+        kinds.add(kind)
+    return kinds, text
+
+
+def _parse_declared(config, key: str, raw: str, kinds: set[str], declared: str) -> object:
+    lowered = raw.lower()
+    if "none" in kinds and lowered in ("none", "null"):
+        return None
+    if "bool" in kinds and lowered in ("true", "false"):
+        return lowered == "true"
+    if "int" in kinds and re.fullmatch(r"[+-]?\d+", raw):
+        return int(raw)
+    if "float" in kinds:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    if kinds & {"list", "dict"} and raw[:1] in "[{":
+        try:
+            value = json.loads(raw)
+        except ValueError as error:
+            raise ValueError(f"--config_overrides: {type(config).__name__}.{key}={raw!r} is not valid JSON: {error}")
+        if isinstance(value, list) and "list" in kinds or isinstance(value, dict) and "dict" in kinds:
+            return value
+    if "str" in kinds:
+        return raw
+    shown = kinds - {"int"} if "float" in kinds else kinds  # "a number" covers the integers
+    expected = " or ".join(_KIND_TEXT[kind] for kind in _KIND_TEXT if kind in shown)
+    raise ValueError(
+        f"--config_overrides: {type(config).__name__}.{key}={raw!r} is invalid: must be {expected} "
+        f"(declared type: {declared})"
+    )
+
+
+def _split_top_level(text: str, separator: str = ",") -> list[str]:
     items, depth, current = [], 0, ""
     for char in text:
         depth += char in "[{"
         depth -= char in "]}"
-        if char == "," and depth == 0:
+        if char == separator and depth == 0:
             items.append(current)
             current = ""
         else:
@@ -154,9 +237,13 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def apply_config_overrides(config, overrides: str | dict) -> transformers.PretrainedConfig:
-    """A copy of `config` with the overrides applied and validated again. Unknown keys and invalid values raise a
-    `ValueError` naming the field."""
-    values = parse_config_overrides(overrides) if isinstance(overrides, str) else dict(overrides)
+    """A copy of `config` with the overrides applied, then validated as a freshly built config is (for
+    `SparseMoEConfig`: `validate`, which also fills derived defaults such as the shared-expert width). A string is
+    parsed by `parse_config_overrides(overrides, config)`, so every declared field can be set, `None` defaults
+    included (`capacity_factor=1.25`, `sliding_window=64`, `shared_expert_intermediate_size=256`), and set back to
+    None where its type allows (`capacity_factor=none`). Unknown keys and invalid values raise a `ValueError` naming
+    the field."""
+    values = parse_config_overrides(overrides, config) if isinstance(overrides, str) else dict(overrides)
     known = config.to_dict()
     for key, value in values.items():
         if key not in known:
@@ -165,7 +252,9 @@ def apply_config_overrides(config, overrides: str | dict) -> transformers.Pretra
                 f"known fields: {', '.join(sorted(k for k in known if not k.startswith('_')))}"
             )
         before = known[key]
-        if before is not None and value is not None and isinstance(before, (int, float)) and not isinstance(before, bool):
+        if _declared_types(config, key) is not None or before is None or value is None:
+            continue  # declared fields: typed above (strings) or checked by the config's own validation (dicts)
+        if isinstance(before, (int, float)) and not isinstance(before, bool):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"--config_overrides: {key}={value!r} is not a number (was {before!r})")
     merged = {**known, **values}
@@ -220,17 +309,20 @@ def _builder_for(path: str) -> str:
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments | None = None):
-    """A `DatasetDict` with `train` and `validation` splits holding a text column. Order of sources: `dataset_name`,
-    `train_file` / `validation_file`, else the World English Bible. Without a validation split,
-    `validation_split_percentage` percent of the training texts (whole texts, fixed seed) are held out."""
+    """A `DatasetDict` with `train` and `validation` splits holding a text column (an `IterableDatasetDict` with
+    `--streaming`). Order of sources: `dataset_name`, `train_file` / `validation_file`, else the World English Bible.
+    Without a validation split, `validation_split_percentage` percent of the training texts (whole texts, fixed seed)
+    are held out; a stream holds out the first that many texts of every 100."""
     cache_dir = model_args.cache_dir if model_args else None
     column = data_args.text_column_name
+    streaming = data_args.streaming
     if data_args.dataset_name is not None:
         raw = datasets.load_dataset(
             data_args.dataset_name,
             data_args.dataset_config_name,
             cache_dir=cache_dir,
             token=model_args.token if model_args else None,
+            streaming=streaming,
         )
         source = data_args.dataset_name
     elif data_args.train_file is not None or data_args.validation_file is not None:
@@ -244,50 +336,68 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
             raise ValueError(f"--train_file and --validation_file must have the same format, got {files}")
         builder = next(iter(builders.values()))
         extra = {"keep_linebreaks": data_args.keep_linebreaks} if builder == "text" else {}
-        raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, **extra)
+        raw = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, streaming=streaming, **extra)
         source = data_args.train_file
     else:
-        raw = datasets.load_dataset("json", data_files={"train": str(bible_jsonl(cache_dir))}, cache_dir=cache_dir)
+        raw = datasets.load_dataset("json", data_files={"train": str(bible_jsonl(cache_dir))}, cache_dir=cache_dir,
+                                    streaming=streaming)
         if data_args.max_corpus_chars is not None:
-            raw["train"] = _first_chars(raw["train"], column, data_args.max_corpus_chars)
+            if streaming:  # the same chapters as `_first_chars` keeps (the Bible is small enough to count)
+                raw["train"] = raw["train"].take(len(load_bible_corpus(max_chars=data_args.max_corpus_chars)))
+            else:
+                raw["train"] = _first_chars(raw["train"], column, data_args.max_corpus_chars)
         source = BIBLE
     for split, dataset in raw.items():
-        if column not in dataset.column_names:
+        columns = _column_names(dataset)
+        if column not in columns:
             where = data_args.train_file if split == "train" else data_args.validation_file
             where = where or source
             raise ValueError(
-                f"{where}: no {column!r} column in the {split} split (columns: {', '.join(dataset.column_names)}); "
+                f"{where}: no {column!r} column in the {split} split (columns: {', '.join(columns)}); "
                 f"name the text column with --text_column_name"
             )
     if "validation" not in raw:
         if not 0 < data_args.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be between 1 and 99 without a validation split")
-        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=SPLIT_SEED)
-        raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+        if streaming:
+            raw = _hold_out_stream(raw["train"], data_args.validation_split_percentage)
+        else:
+            split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100,
+                                                  seed=SPLIT_SEED)
+            raw = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
     return raw
 
 
-def _first_chars(dataset, column: str, max_chars: int):
-    total = 0
-    for i, text in enumerate(dataset[column]):
-        total += len(text)
-        if total >= max_chars:
-            return dataset.select(range(i + 1))
-    return dataset
+def _column_names(dataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # a stream of unknown features: look at its first row
+    return list(first) if first is not None else []
+
+
+def _hold_out_stream(train, percentage: int) -> datasets.IterableDatasetDict:
+    """Split a stream of unknown length: of every 100 texts, the first `percentage` go to validation."""
+    return datasets.IterableDatasetDict({
+        "train": train.filter(lambda _, i: i % 100 >= percentage, with_indices=True),
+        "validation": train.filter(lambda _, i: i % 100 < percentage, with_indices=True),
+    })
 
 
 def tokenize_and_pack(raw, tokenizer, block_size: int, data_args: DataTrainingArguments, training_args=None):
     """Tokenise every text (followed by EOS), concatenate and cut into `block_size` blocks with `labels = input_ids`,
-    through batched, cached `datasets.map` calls (their progress bars show)."""
+    through batched `datasets.map` calls: cached, with progress bars, for a `DatasetDict`; lazily, as training reads
+    the blocks, for a stream (`IterableDatasetDict`). Both cut the same blocks from the same texts: the tail of every
+    1,000 texts that does not fill a block is dropped alike."""
     column = data_args.text_column_name
     eos = tokenizer.eos_token_id
+    streaming = isinstance(raw, datasets.IterableDatasetDict)
 
     def tokenize(examples):
         out = tokenizer(examples[column])
+        ids, mask = out["input_ids"], out["attention_mask"]
         if eos is not None:
-            out["input_ids"] = [ids + [eos] for ids in out["input_ids"]]
-            out["attention_mask"] = [mask + [1] for mask in out["attention_mask"]]
-        return out
+            ids, mask = [row + [eos] for row in ids], [row + [1] for row in mask]
+        return {"input_ids": ids, "attention_mask": mask}
 
     def group_texts(examples):
         joined = {key: list(chain(*examples[key])) for key in examples}
@@ -296,27 +406,79 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, data_args: DataTrainingAr
         result["labels"] = [list(ids) for ids in result["input_ids"]]
         return result
 
-    first = training_args.main_process_first if training_args is not None else None
+    def options(desc: str) -> dict:
+        if streaming:  # NOTE: a stream's map runs as the blocks are read: no processes, cache files or bars
+            return {}
+        return {"num_proc": data_args.preprocessing_num_workers, "load_from_cache_file": not data_args.overwrite_cache,
+                "desc": desc}
+
+    first = training_args.main_process_first if training_args is not None and not streaming else None
     context = first(desc="dataset map tokenization") if first is not None else _null_context()
     with context:
-        tokenized = raw.map(
-            tokenize,
-            batched=True,
-            num_proc=data_args.preprocessing_num_workers,
-            remove_columns=raw["train"].column_names,
-            load_from_cache_file=not data_args.overwrite_cache,
-            desc="Running tokenizer on dataset",
-        )
-        keep = ["input_ids", "attention_mask"]
-        tokenized = tokenized.remove_columns([c for c in tokenized["train"].column_names if c not in keep])
-        packed = tokenized.map(
-            group_texts,
-            batched=True,
-            num_proc=data_args.preprocessing_num_workers,
-            load_from_cache_file=not data_args.overwrite_cache,
-            desc=f"Grouping texts in chunks of {block_size}",
-        )
+        texts = raw.select_columns([column])
+        tokenized = texts.map(tokenize, batched=True, remove_columns=[column], **options("Running tokenizer on dataset"))
+        packed = tokenized.map(group_texts, batched=True, **options(f"Grouping texts in chunks of {block_size}"))
     return packed
+
+
+# A stream trains its tokenizer (when none is given) on its first texts only: a corpus bigger than memory has no
+# "whole training split" to read first.
+TOKENIZER_STREAM_TEXTS = 100_000
+
+
+def _tokenizer_texts(train, data_args: DataTrainingArguments):
+    column = data_args.text_column_name
+    if not data_args.streaming:
+        return train[column]
+    logger.info("Training the tokenizer on the first %d texts of the stream", TOKENIZER_STREAM_TEXTS)
+    return [row[column] for row in train.take(TOKENIZER_STREAM_TEXTS)]
+
+
+def training_blocks(raw, tokenizer, block_size: int, data_args: DataTrainingArguments, training_args):
+    """The (train, validation) block datasets of `raw`: `tokenize_and_pack`, then `--max_train_samples` /
+    `--max_eval_samples`. With `--streaming` both are `IterableDataset`s read lazily; the training one repeats
+    without end (Trainer stops at `--max_steps`) and is shuffled in a buffer of `--streaming_shuffle_buffer` blocks
+    when that is > 0. An empty split that is needed raises a `ValueError`."""
+    packed = tokenize_and_pack(raw, tokenizer, block_size, data_args, training_args)
+    train_dataset, eval_dataset = packed["train"], packed["validation"]
+    if data_args.streaming:
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.take(data_args.max_train_samples)
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.take(data_args.max_eval_samples)
+    else:
+        if data_args.max_train_samples is not None:
+            train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        if data_args.max_eval_samples is not None:
+            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+    if training_args.do_train and _is_empty(train_dataset):
+        raise ValueError(f"no training block of {block_size} tokens: the training text is too short")
+    if training_args.do_eval and _is_empty(eval_dataset):
+        raise ValueError(f"no validation block of {block_size} tokens: the validation text is too short")
+    if data_args.streaming:
+        # NOTE: Trainer ends an epoch when a stream runs out and restarts it, but on resume it skips
+        # `global_step` batches of a *fresh* stream: past the first pass that skips too far (and stops training
+        # when nothing is left). One endless stream makes the skip exact in every pass.
+        train_dataset = train_dataset.repeat(None)
+        if data_args.streaming_shuffle_buffer > 0:  # after repeat: the buffer keeps mixing, so each pass differs
+            train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.streaming_shuffle_buffer)
+    return train_dataset, eval_dataset
+
+
+def _is_empty(dataset) -> bool:
+    if isinstance(dataset, datasets.IterableDataset):
+        return next(iter(dataset), None) is None  # reads (and packs) only up to the first block
+    return len(dataset) == 0
+
+
+def _num_rows(dataset, trainer=None) -> int | str:
+    """Blocks in a dataset; for a stream, those training consumed (with a `trainer` after training), else 'streamed'."""
+    if not isinstance(dataset, datasets.IterableDataset):
+        return len(dataset)
+    if trainer is None:
+        return "streamed"
+    args = trainer.args
+    return trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 class _null_context:
@@ -397,6 +559,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     checkpoint = _resume_checkpoint(training_args) if training_args.do_train else None
+    if data_args.streaming and training_args.do_train and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a stream has no length, so Trainer cannot count epochs "
+                         "(the stream restarts from its beginning when it runs out before --max_steps)")
 
     import modeling_sparse_moe  # noqa: F401  (registers the sparse_moe model type with the Auto classes)
 
@@ -413,21 +578,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     else:
         logger.info("Training a %d-token BPE tokenizer on the training split", config.vocab_size)
-        tokenizer = train_tokenizer(raw["train"][data_args.text_column_name], vocab_size=config.vocab_size)
+        tokenizer = train_tokenizer(_tokenizer_texts(raw["train"], data_args), vocab_size=config.vocab_size)
 
     block_size = data_args.block_size or default_block_size(config, tokenizer)
     if block_size > config.max_position_embeddings:
         raise ValueError(f"--block_size {block_size} exceeds max_position_embeddings={config.max_position_embeddings}")
-    packed = tokenize_and_pack(raw, tokenizer, block_size, data_args, training_args)
-    train_dataset, eval_dataset = packed["train"], packed["validation"]
-    if data_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-    if data_args.max_eval_samples is not None:
-        eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
-    if training_args.do_train and len(train_dataset) == 0:
-        raise ValueError(f"no training block of {block_size} tokens: the training text is too short")
-    if training_args.do_eval and len(eval_dataset) == 0:
-        raise ValueError(f"no validation block of {block_size} tokens: the validation text is too short")
+    train_dataset, eval_dataset = training_blocks(raw, tokenizer, block_size, data_args, training_args)
 
     if model_args.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(
@@ -443,8 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("Model: %.2fM parameters, blocks of %d tokens, %d train / %d eval blocks", n_params / 1e6, block_size,
-                len(train_dataset), len(eval_dataset))
+    logger.info("Model: %.2fM parameters, blocks of %d tokens, %s train / %s eval blocks", n_params / 1e6, block_size,
+                _num_rows(train_dataset), _num_rows(eval_dataset))
 
     trainer = PretrainingTrainer(
         model=model,
@@ -464,14 +620,15 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
+        metrics["train_samples"] = _num_rows(train_dataset, trainer)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
         result["train"] = metrics
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
+        if not data_args.streaming:
+            metrics["eval_samples"] = len(eval_dataset)
         metrics["perplexity"] = perplexity(metrics["eval_loss"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
@@ -859,6 +1016,7 @@ __all__ = [
     "build_config",
     "load_raw_datasets",
     "main",
+    "training_blocks",
     "parse_config_overrides",
     "tokenize_and_pack",
 ]

@@ -16,6 +16,7 @@ What transformers 5.24 guarantees, and what it does not (read from `Trainer._sav
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import time
 import torch
 from safetensors import safe_open
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .modeling_sparse_moe import (
     SparseMoERouter,
@@ -35,6 +37,8 @@ from .modeling_sparse_moe import (
     router_probabilities,
     update_router_biases,
 )
+
+logger = logging.getLogger(__name__)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -190,9 +194,12 @@ class RouterTelemetry:
     def summary(self, per_expert: bool = True, prefix: str = "router/") -> dict[str, float]:
         """Metrics of the window since the last reset, as flat `{name: float}` (empty when nothing was counted):
         per layer `layer_{i}/load_e{j}` (fraction of assignments, sums to 1), `load_imbalance` (max / mean load),
+        `min_expert_share` (min / mean load: the least-used expert's load as a multiple of the uniform share),
         `load_cv` (std / mean), `entropy` (mean router entropy, nats, <= log E), `dropped_fraction`, `aux_loss`,
         `z_loss`; the same names without `layer_{i}/` average them over layers, except `aux_loss`, pooled over layers as
-        the model's loss pools it (equal to the model's `aux_loss` when the window is one batch)."""
+        the model's loss pools it (equal to the model's `aux_loss` when the window is one batch), and
+        `min_expert_share`, the minimum over layers. `max_imbalance` is the maximum of the layers' `load_imbalance`.
+        `CONSOLE_ROUTER_KEYS` names the three that make the console's summary."""
         per_layer: dict[int, dict[str, float]] = {}
         fractions: dict[int, list[float]] = {}
         for layer, stats in self.stats.items():
@@ -206,6 +213,7 @@ class RouterTelemetry:
             prob_E = stats.prob_sum_E.double().cpu() / tokens
             per_layer[layer] = {
                 "load_imbalance": float(fraction_E.max() / mean),
+                "min_expert_share": float(fraction_E.min() / mean),
                 "load_cv": float(fraction_E.std(unbiased=False) / mean),
                 "entropy": float(stats.entropy_sum) / tokens,
                 "dropped_fraction": float(stats.dropped) / float(counts_E.sum()),
@@ -225,6 +233,9 @@ class RouterTelemetry:
         counts_E = sum(stats.counts_E.double().cpu() for stats in counted)
         prob_E = sum(stats.prob_sum_E.double().cpu() for stats in counted)
         metrics[prefix + "aux_loss"] = float(counts_E.numel() * torch.sum(counts_E / tokens * prob_E / tokens))
+        # the console's one-line summary: the worst layer, not the average, is what shows a dying expert
+        metrics[prefix + "max_imbalance"] = max(values["load_imbalance"] for values in per_layer.values())
+        metrics[prefix + "min_expert_share"] = min(values["min_expert_share"] for values in per_layer.values())
         for layer, values in per_layer.items():
             for name, value in values.items():
                 metrics[f"{prefix}layer_{layer}/{name}"] = value
@@ -239,39 +250,127 @@ def _layer_index(module_name: str, fallback: int) -> int:
     return int(match.group(1)) if match else fallback
 
 
+# What the console prints of the router metrics at each log: one line with loss and learning rate. Every other
+# `router/...` metric (per layer, per expert) goes to `trainer.state.log_history`, router_telemetry.json and the
+# `report_to` integrations only.
+CONSOLE_ROUTER_KEYS = ("router/max_imbalance", "router/min_expert_share", "router/dropped_fraction")
+
+
+def console_logs(logs: dict) -> dict:
+    """`logs` without the router metrics that are not in `CONSOLE_ROUTER_KEYS` (a new dict)."""
+    return {key: value for key, value in logs.items() if not key.startswith("router/") or key in CONSOLE_ROUTER_KEYS}
+
+
+class RouterSummaryProgressCallback(ProgressCallback):
+    """`ProgressCallback` (the tqdm bars) whose printed log lines carry the router summary, not the per-layer,
+    per-expert series."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs) if logs is not None else None, **kwargs)
+
+
+class RouterSummaryPrinterCallback(PrinterCallback):
+    """`PrinterCallback` (`--disable_tqdm`) that prints the router summary, not the per-layer, per-expert series."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs) if logs is not None else None, **kwargs)
+
+
+def summarize_router_console(trainer) -> None:
+    """Swap `trainer`'s console callback (`ProgressCallback`, or `PrinterCallback` with `disable_tqdm`) for its
+    router-summary version, in place. The logs themselves are untouched: `log_history` and the `report_to`
+    integrations still receive every metric."""
+    callbacks = trainer.callback_handler.callbacks
+    for i, callback in enumerate(callbacks):
+        for plain, summary in ((ProgressCallback, RouterSummaryProgressCallback),
+                               (PrinterCallback, RouterSummaryPrinterCallback)):
+            if type(callback) is plain:
+                swapped = summary.__new__(summary)
+                swapped.__dict__.update(callback.__dict__)  # keeps its settings (max_str_len, bars)
+                callbacks[i] = swapped
+
+
+DEAD_EXPERT_ADVICE = (
+    "To keep experts alive, try: a larger router_aux_loss_coef (now {aux}); aux-loss-free bias balancing, "
+    "router_bias_update_rate=1e-3 with RouterBiasUpdateCallback (the pretraining recipe adds it when the rate is > 0; "
+    "now {rate}); router_jitter_noise=0.01; a lower router learning rate; or a shared expert (num_shared_experts=1)."
+)
+
+
+def dead_experts(history: list[dict], step: int, window: int, threshold: float) -> list[dict]:
+    """The experts whose share of their layer's assignments, over the logged rows of the last `window` steps up to
+    `step` (rows of router_telemetry.json's `history`, with integer `counts` per layer and expert), is below
+    `threshold` times the uniform share 1/E. Empty until `step >= window`, so that a few noisy early steps are not
+    judged. Each: `{"layer": position in the rows' layers, "expert", "share": load / uniform load, "step"}`."""
+    if step < window:
+        return []
+    rows = [row for row in history if step - window < row["step"] <= step]
+    if not rows:
+        return []
+    found = []
+    for layer in range(len(rows[-1]["counts"])):
+        counts_E = [sum(values) for values in zip(*(row["counts"][layer] for row in rows))]
+        total = sum(counts_E)
+        if total == 0:
+            continue
+        for expert, count in enumerate(counts_E):
+            share = count * len(counts_E) / total
+            if share < threshold:
+                found.append({"layer": layer, "expert": expert, "share": share, "step": step})
+    return found
+
+
 class RouterTelemetryCallback(TrainerCallback):
     """Router telemetry in `Trainer`'s logs: at every `logging_steps` the metrics of `RouterTelemetry.summary()` over
-    the steps since the previous log are merged into that log entry (`trainer.state.log_history`, the console and, when
-    attached with `add_router_telemetry(trainer)`, every `report_to` sink), and the per-expert loads of every log are
-    written to `output_dir/router_telemetry.json` for `plotting.plot_load_heatmap`.
+    the steps since the previous log are merged into that log entry (`trainer.state.log_history` and, when attached
+    with `add_router_telemetry(trainer)`, every `report_to` integration: TensorBoard shows them as `router/...`
+    scalars), and the per-expert loads of every log are written to `output_dir/router_telemetry.json` for
+    `plotting.plot_load_heatmap`. `add_router_telemetry` also makes the console print only the summary
+    (`CONSOLE_ROUTER_KEYS`).
 
         trainer = Trainer(model=model, args=args, train_dataset=data)
         add_router_telemetry(trainer)   # or callbacks=[RouterTelemetryCallback()]: every sink but `report_to` ones
+
+    Dead experts: once `dead_expert_window` steps have run, an expert whose share of its layer's assignments over the
+    last `dead_expert_window` steps falls below `dead_expert_threshold` times the uniform share gets one WARNING (per
+    layer and expert, per run) that names it and says what to try; the JSON lists them under `dead_experts`.
 
     NOTE: `Trainer` hands the same `logs` dict to its callbacks in order, and the `report_to` integrations come first
     in that order; `add_router_telemetry` puts this callback before them so they see the router metrics too.
     """
 
-    def __init__(self, per_expert: bool = True, json_file: str | None = TELEMETRY_FILE):
+    def __init__(self, per_expert: bool = True, json_file: str | None = TELEMETRY_FILE, dead_expert_window: int = 50,
+                 dead_expert_threshold: float = 0.1):
+        if dead_expert_window < 1:
+            raise ValueError(f"dead_expert_window={dead_expert_window} must be >= 1 (steps)")
+        if not 0 <= dead_expert_threshold < 1:
+            raise ValueError(f"dead_expert_threshold={dead_expert_threshold} must be in [0, 1) (x the uniform share)")
         self.per_expert = per_expert
         self.json_file = json_file
+        self.dead_expert_window = dead_expert_window
+        self.dead_expert_threshold = dead_expert_threshold
         self.telemetry: RouterTelemetry | None = None
         self.history: list[dict] = []
+        self.dead: list[dict] = []  # one entry per (layer, expert) found dead, when first found
         self._layers: list[int] = []
+        self._config = None
         self._started = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and self.telemetry is None:
             self.telemetry = RouterTelemetry(model)
             self._layers = self.telemetry.layers
+            self._config = getattr(model, "config", None)
         self._started = False
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self._started:
             self._started = True
             # NOTE: on resume, `Trainer` restores `state.global_step` after `on_train_begin`; keep the logged history
-            # of the steps that this run does not repeat.
-            self.history = [row for row in self._read_history(args) if row["step"] <= state.global_step]
+            # (and the dead experts found) of the steps that this run does not repeat.
+            saved = self._read(args)
+            self.history = [row for row in saved.get("history", []) if row["step"] <= state.global_step]
+            self.dead = [row for row in saved.get("dead_experts", []) if row["step"] <= state.global_step]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.telemetry is None or logs is None or "loss" not in logs:
@@ -291,10 +390,29 @@ class RouterTelemetryCallback(TrainerCallback):
                 "load": [_fractions(loads[layer]) for layer in self._layers],
                 "counts": [loads[layer] for layer in self._layers],
                 "load_imbalance": metrics["router/load_imbalance"],
+                "max_imbalance": metrics["router/max_imbalance"],
+                "min_expert_share": metrics["router/min_expert_share"],
                 "entropy": metrics["router/entropy"],
             }
         )
+        self._check_dead_experts(state)
         self._write(args)
+
+    def _check_dead_experts(self, state) -> None:
+        known = {(row["layer"], row["expert"]) for row in self.dead}
+        for found in dead_experts(self.history, state.global_step, self.dead_expert_window, self.dead_expert_threshold):
+            found["layer"] = self._layers[found["layer"]]  # the decoder layer's index, as in the metric names
+            if (found["layer"], found["expert"]) in known:
+                continue
+            self.dead.append(found)
+            if state.is_world_process_zero:
+                advice = DEAD_EXPERT_ADVICE.format(aux=getattr(self._config, "router_aux_loss_coef", "?"),
+                                                   rate=getattr(self._config, "router_bias_update_rate", "?"))
+                logger.warning(
+                    "Dead expert: layer %d, expert %d got %.3fx its uniform share of tokens over the last %d steps "
+                    "(step %d; warned below %.2fx). %s", found["layer"], found["expert"], found["share"],
+                    self.dead_expert_window, state.global_step, self.dead_expert_threshold, advice,
+                )
 
     def on_train_end(self, args, state, control, **kwargs):
         self._write(args)
@@ -307,21 +425,28 @@ class RouterTelemetryCallback(TrainerCallback):
             return None
         return Path(args.output_dir) / self.json_file
 
-    def _read_history(self, args) -> list[dict]:
+    def _read(self, args) -> dict:
         path = self._path(args)
         if path is None or not path.is_file():
-            return []
+            return {}
         try:
-            return list(json.loads(path.read_text())["history"])
-        except (OSError, ValueError, KeyError):
-            return []
+            saved = json.loads(path.read_text())
+            return saved if isinstance(saved, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     def _write(self, args) -> None:
         path = self._path(args)
         if path is None or not getattr(args, "should_save", True) or not self._layers:
             return
         num_experts = len(self.history[0]["load"][0]) if self.history else None
-        payload = {"layers": self._layers, "num_experts": num_experts, "history": self.history}
+        payload = {
+            "layers": self._layers,
+            "num_experts": num_experts,
+            "history": self.history,
+            "dead_expert_rule": {"window_steps": self.dead_expert_window, "threshold": self.dead_expert_threshold},
+            "dead_experts": self.dead,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload))
@@ -335,9 +460,11 @@ def _fractions(counts: list[int]) -> list[float]:
 
 def add_router_telemetry(trainer, **kwargs) -> RouterTelemetryCallback:
     """Attach a `RouterTelemetryCallback(**kwargs)` to `trainer` ahead of every other callback, so that the
-    `report_to` sinks (TensorBoard, W&B, ...) receive the router metrics too. Returns the callback."""
+    `report_to` integrations (TensorBoard, W&B, ...) receive every router metric too, and make the console print only
+    the router summary (`summarize_router_console`). Returns the callback."""
     callback = RouterTelemetryCallback(**kwargs)
     trainer.callback_handler.callbacks.insert(0, callback)
+    summarize_router_console(trainer)
     return callback
 
 
@@ -456,12 +583,18 @@ def _fsync_dir(folder: Path) -> None:
 
 
 __all__ = [
+    "CONSOLE_ROUTER_KEYS",
     "RouterBiasUpdateCallback",
+    "RouterSummaryPrinterCallback",
+    "RouterSummaryProgressCallback",
     "RouterTelemetry",
     "RouterTelemetryCallback",
     "TrainingTimeCallback",
     "add_router_telemetry",
     "atomic_save_pretrained",
+    "console_logs",
+    "dead_experts",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
+    "summarize_router_console",
 ]

@@ -136,7 +136,7 @@ def test_bad_input_names_the_file_or_field(train_file, tmp_path):
         main(_argv(train_file, tmp_path / "c", "--config_overrides", "num_expertz=4"))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         main(_argv(train_file, tmp_path / "d", "--config_overrides", "num_experts_per_tok=9"))
-    with pytest.raises(ValueError, match="hidden_size=.*not a number"):
+    with pytest.raises(ValueError, match=r"SparseMoEConfig\.hidden_size=.*must be an integer"):
         main(_argv(train_file, tmp_path / "e", "--config_overrides", "hidden_size=wide"))
     with pytest.raises(ValueError, match="unsupported extension"):
         (tmp_path / "x.parquet").write_text("")
@@ -184,3 +184,93 @@ def test_compare_dense_smoke(tmp_path):
     assert moe["load_imbalance"] and moe["load_imbalance"][-1][1] >= 1.0
     assert (tmp_path / "results.md").read_text().count("| moe-8x32-top2 |") == 1
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------------------ --streaming
+def _jsonl(path, texts):
+    path.write_text("".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in enumerate(texts)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def paragraphs():
+    """Texts of up to 120 characters (cut from the Python docs' paragraphs), so that thousands fit in a quick test."""
+    return [text[i : i + 120] for text in load_text_corpus(max_chars=300_000) for i in range(0, len(text), 120)]
+
+
+def test_streaming_packs_the_same_blocks_in_the_same_order(paragraphs, tmp_path):
+    """Over 2,300 texts (three batches of `map`, the last partial), the stream's blocks are the in-memory blocks."""
+    from modeling_sparse_moe.data import train_tokenizer
+    from modeling_sparse_moe.pretraining import DataTrainingArguments, load_raw_datasets, tokenize_and_pack, training_blocks
+    from transformers import TrainingArguments
+
+    assert len(paragraphs) > 2_400
+    train, validation = _jsonl(tmp_path / "train.jsonl", paragraphs[:2_300]), _jsonl(tmp_path / "val.jsonl", paragraphs[2_300:2_400])
+    tokenizer = train_tokenizer(paragraphs[:300], vocab_size=300)
+    blocks = {}
+    for streaming in (False, True):
+        data_args = DataTrainingArguments(train_file=str(train), validation_file=str(validation), streaming=streaming)
+        packed = tokenize_and_pack(load_raw_datasets(data_args), tokenizer, 32, data_args)
+        blocks[streaming] = {split: [row["input_ids"] for row in packed[split]] for split in ("train", "validation")}
+    assert len(blocks[False]["train"]) > 2_000
+    assert blocks[True] == blocks[False]
+    rows = packed["train"].take(2)
+    assert [row["labels"] for row in rows] == [row["input_ids"] for row in rows] == blocks[False]["train"][:2]
+    assert set(next(iter(packed["train"]))) == {"input_ids", "attention_mask", "labels"}  # the `id` column is gone
+    # what Trainer reads: the same blocks, then the stream again from its start (Trainer stops at --max_steps)
+    args = TrainingArguments(output_dir=str(tmp_path / "x"), report_to="none")
+    stream, _ = training_blocks(load_raw_datasets(data_args), tokenizer, 32, data_args, args)
+    count = len(blocks[False]["train"])
+    assert [row["input_ids"] for row in stream.take(count + 3)] == blocks[False]["train"] + blocks[False]["train"][:3]
+
+
+def test_streaming_holds_out_texts_without_a_validation_split(paragraphs, tmp_path):
+    from modeling_sparse_moe.pretraining import DataTrainingArguments, load_raw_datasets
+
+    texts = paragraphs[:230]
+    args = DataTrainingArguments(train_file=str(_jsonl(tmp_path / "t.jsonl", texts)), streaming=True,
+                                 validation_split_percentage=5)
+    raw = load_raw_datasets(args)
+    assert [row["text"] for row in raw["validation"]] == [t for i, t in enumerate(texts) if i % 100 < 5]
+    assert [row["text"] for row in raw["train"]] == [t for i, t in enumerate(texts) if i % 100 >= 5]
+
+
+def _stream_argv(train, output_dir, *extra):
+    return [
+        "--config_name", "tiny", "--train_file", str(train), "--output_dir", str(output_dir), "--streaming",
+        "--max_steps", "16", "--per_device_train_batch_size", "8", "--block_size", "32", "--learning_rate", "5e-3",
+        "--warmup_steps", "2", "--logging_steps", "1", "--save_steps", "12", "--report_to", "none",
+        "--disable_tqdm", "true", "--seed", "0", "--dataloader_pin_memory", "false", *extra,
+    ]
+
+
+def test_streaming_run_trains_and_resumes_where_it_stopped(paragraphs, tmp_path):
+    """A corpus of 73 blocks (9 batches and 1 block) read almost twice over in 16 steps; resuming at step 12 (in the
+    second pass) skips exactly what was consumed: the same losses as the run that never stopped."""
+    texts, total = [], 0
+    for text in paragraphs:
+        texts.append(text)
+        total += len(text)
+        if total > 6_500:
+            break
+    train = _jsonl(tmp_path / "small.jsonl", texts)
+    full = main(_stream_argv(train, tmp_path / "full"))
+    losses = _losses(full["log_history"])
+    assert sorted(losses) == list(range(1, 17))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (14, 15, 16)) / 3
+    assert last < first - 0.4, (first, last)
+    assert full["train"]["train_samples"] == 16 * 8  # blocks consumed
+    assert full["eval"]["eval_loss"] < math.log(512)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-12", resumed_dir / "checkpoint-12")
+    resumed = _losses(main(_stream_argv(train, resumed_dir, "--resume_from_checkpoint", "True"))["log_history"])
+    assert sorted(resumed) == list(range(1, 17))
+    for step in range(13, 17):
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-5, abs=1e-6), step
+
+
+def test_streaming_needs_max_steps(train_file, tmp_path):
+    argv = [a for a in _argv(train_file, tmp_path / "s", "--streaming") if a not in ("--max_steps", "24")]
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        main(argv)

@@ -1,5 +1,7 @@
 """Router telemetry in Trainer's logs: keys and sane values, exactness under gradient accumulation and gradient
-checkpointing, agreement with the model's own aux/z losses, and aux-loss-free balancing on a skewed router."""
+checkpointing, agreement with the model's own aux/z losses, aux-loss-free balancing on a skewed router; a console
+that prints the router summary only while log_history, the JSON and TensorBoard get every series; the dead-expert
+warning."""
 
 import json
 import math
@@ -12,11 +14,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallb
 
 import modeling_sparse_moe  # noqa: F401
 from modeling_sparse_moe.training import (
+    CONSOLE_ROUTER_KEYS,
     TELEMETRY_FILE,
     RouterBiasUpdateCallback,
     RouterTelemetry,
     RouterTelemetryCallback,
     add_router_telemetry,
+    dead_experts,
 )
 
 NUM_ROWS, SEQ = 8, 16
@@ -39,10 +43,11 @@ def _train(tmp_path, name, *, config=None, steps=1, batch=NUM_ROWS, accumulation
            telemetry=True, **args):
     set_seed(0)
     model = AutoModelForCausalLM.from_config(config or _config())
+    args = {"report_to": "none", "disable_tqdm": True, **args}
     training_args = TrainingArguments(
         output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, learning_rate=lr, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=True, disable_tqdm=True, seed=0, **args,
+        use_cpu=True, seed=0, **args,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=_data(), callbacks=list(callbacks))
     if telemetry:
@@ -213,3 +218,111 @@ def test_dropped_fraction_matches_the_model_under_capacity():
     assert out.dropped_fraction.item() > 0.1
     assert summary["router/dropped_fraction"] == pytest.approx(out.dropped_fraction.item(), rel=1e-6)
     assert summary["router/aux_loss"] == pytest.approx(out.aux_loss.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ console, TensorBoard, dead experts
+PER_LAYER = ("router/layer_", "load_e")
+
+
+@pytest.mark.parametrize("disable_tqdm", [True, False])
+def test_console_prints_loss_lr_and_the_router_summary_only(tmp_path, capsys, disable_tqdm):
+    trainer = _train(tmp_path, f"console{disable_tqdm}", steps=2, disable_tqdm=disable_tqdm)
+    printed = capsys.readouterr()
+    console = printed.out + printed.err
+    lines = [line for line in console.splitlines() if "'loss'" in line]
+    assert len(lines) == 2  # one line per logging step
+    for line in lines:
+        for key in ("'learning_rate'", *(f"'{key}'" for key in CONSOLE_ROUTER_KEYS)):
+            assert key in line, (key, line)
+    assert not any(part in console for part in PER_LAYER), console
+    # the full series are where they belong: log_history (trainer_state.json) and router_telemetry.json
+    row = next(row for row in trainer.state.log_history if "loss" in row)
+    assert sum(row[f"router/layer_1/load_e{e}"] for e in range(4)) == pytest.approx(1.0)
+    assert row["router/max_imbalance"] == max(row["router/layer_0/load_imbalance"], row["router/layer_1/load_imbalance"])
+    shares = [row[f"router/layer_{layer}/load_e{e}"] * 4 for layer in (0, 1) for e in range(4)]
+    assert row["router/min_expert_share"] == pytest.approx(min(shares))
+    assert len(_telemetry_file(trainer)["history"][0]["counts"]) == 2
+
+
+def test_tensorboard_event_files_hold_every_router_series(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _train(tmp_path, "tb", steps=3, report_to=["tensorboard"])
+    events = list(Path(trainer.args.output_dir).rglob("events.out.tfevents.*"))
+    assert events
+    scalars = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    history = {row["step"]: row for row in trainer.state.log_history if "loss" in row}
+    for key in ("router/layer_0/load_e3", "router/layer_1/min_expert_share", "router/max_imbalance", "router/aux_loss"):
+        series = scalars[f"train/{key}"]  # Trainer's TensorBoard callback files training logs under train/
+        assert [step for step, _ in series] == [1, 2, 3]
+        assert [value for _, value in series] == pytest.approx([history[step][key] for step, _ in series], rel=1e-6)
+
+
+def test_dead_experts_rule():
+    def row(step, layer0, layer1):
+        return {"step": step, "counts": [layer0, layer1]}
+
+    history = [row(1, [0, 5, 5, 6], [4, 4, 4, 4]), row(2, [1, 5, 5, 5], [4, 4, 4, 4]),
+               row(3, [0, 6, 5, 5], [4, 4, 4, 4]), row(4, [0, 5, 6, 5], [8, 0, 4, 4])]
+    assert dead_experts(history, step=2, window=3, threshold=0.1) == []  # the window is not full yet
+    # steps 2..4: expert 0 of layer 0 got 1 of 48 assignments = 1/12 of the uniform 12
+    found = dead_experts(history, step=4, window=3, threshold=0.1)
+    assert found == [{"layer": 0, "expert": 0, "share": pytest.approx(4 / 48), "step": 4}]
+    assert dead_experts(history, step=4, window=3, threshold=0.05) == []
+    # a one-step window sees layer 1's expert 1 at 0 as well
+    assert [(f["layer"], f["expert"]) for f in dead_experts(history, 4, 1, 0.1)] == [(0, 0), (1, 1)]
+
+
+def _collapse(model):
+    # softmax scores lie in [0, 1]: +1 on experts 0 and 1 puts them in every token's top-2, so 2 and 3 get nothing
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.copy_(torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+def _train_for_dead_experts(tmp_path, name, collapse):
+    set_seed(0)
+    model = AutoModelForCausalLM.from_config(_config())
+    if collapse:
+        with torch.no_grad():
+            _collapse(model)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=NUM_ROWS, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_data())
+    add_router_telemetry(trainer, dead_expert_window=4, dead_expert_threshold=0.1)
+    trainer.train()
+    return trainer
+
+
+def test_dead_expert_warning_fires_once_per_expert_on_a_collapsed_router(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="modeling_sparse_moe.training"):
+        trainer = _train_for_dead_experts(tmp_path, "collapsed", collapse=True)
+    warnings = [r.getMessage() for r in caplog.records if "Dead expert" in r.getMessage()]
+    named = sorted((layer, expert) for layer in (0, 1) for expert in (2, 3))
+    assert len(warnings) == 4  # steps 4, 5 and 6 see them dead; each (layer, expert) is warned about once
+    for (layer, expert), message in zip(named, sorted(warnings)):
+        assert f"layer {layer}, expert {expert} got 0.000x" in message
+        assert "router_aux_loss_coef (now 0.01)" in message and "router_bias_update_rate" in message
+        assert "RouterBiasUpdateCallback" in message and "num_shared_experts" in message
+    data = _telemetry_file(trainer)
+    assert data["dead_expert_rule"] == {"window_steps": 4, "threshold": 0.1}
+    assert sorted((row["layer"], row["expert"]) for row in data["dead_experts"]) == named
+    assert {row["step"] for row in data["dead_experts"]} == {4} and {row["share"] for row in data["dead_experts"]} == {0.0}
+
+
+def test_dead_expert_warning_is_quiet_on_a_balanced_router(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="modeling_sparse_moe.training"):
+        trainer = _train_for_dead_experts(tmp_path, "balanced", collapse=False)
+    assert not [r for r in caplog.records if "Dead expert" in r.getMessage()]
+    data = _telemetry_file(trainer)
+    assert data["dead_experts"] == []
+    # the rule did judge this run (steps 4..6) and every expert kept well over the threshold
+    assert min(row["min_expert_share"] for row in data["history"] if row["step"] >= 4) > 0.5

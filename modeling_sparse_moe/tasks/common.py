@@ -242,7 +242,9 @@ def load_config(model_args, tokenizer, **extra):
         config_name = resolve_config_name(model_args.config_name)  # "tiny" or "configs/tiny" from any folder
         config = AutoConfig.from_pretrained(config_name, cache_dir=model_args.cache_dir, **extra)
         if model_args.config_overrides:
-            config.update_from_string(model_args.config_overrides)
+            from ..pretraining import apply_config_overrides  # every recipe parses overrides the same way
+
+            config = apply_config_overrides(config, model_args.config_overrides)
     else:
         raise ValueError("Pass --model_name_or_path (fine-tune) or --config_name (train from scratch), e.g. configs/tiny")
     if not model_args.model_name_or_path:
