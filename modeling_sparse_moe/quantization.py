@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when experts are quantized
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, as its Linear4bit layers use
+DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, as its Linear4bit layers use; 32 where 64 does not divide the widths
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized scales
 
 
@@ -80,6 +80,12 @@ def is_4bit_config(quantization_config) -> bool:
         _config_value(quantization_config, "quant_method", "bitsandbytes") in ("bitsandbytes", None)
         or str(_config_value(quantization_config, "quant_method")).endswith("BITS_AND_BYTES")
     )
+
+
+def default_blocksize(experts: nn.Module) -> int:
+    """64 (bitsandbytes' default), or 32 for experts whose widths 64 does not divide (e.g. configs/tiny)."""
+    widths = (experts.hidden_dim, experts.intermediate_dim)
+    return next((b for b in (DEFAULT_BLOCKSIZE, 32) if all(w % b == 0 for w in widths)), DEFAULT_BLOCKSIZE)
 
 
 def expert_spec(quantization_config, blocksize: int = DEFAULT_BLOCKSIZE) -> dict:
@@ -316,10 +322,12 @@ def _record(model: nn.Module, spec: dict) -> None:
         setattr(config, CONFIG_KEY, spec)
 
 
-def quantize_experts(model: nn.Module, quantization_config, blocksize: int = DEFAULT_BLOCKSIZE) -> nn.Module:
+def quantize_experts(model: nn.Module, quantization_config, blocksize: int | None = None) -> nn.Module:
     """Quantize the routed experts of `model` to 4 bits in place, as `from_pretrained(..., quantization_config=
     BitsAndBytesConfig(load_in_4bit=True, ...))` does after loading (format, double quantization, compute dtype and
-    `llm_int8_skip_modules` from the config). Linear layers are untouched (`quantize_model` does both)."""
+    `llm_int8_skip_modules` from the config). Linear layers are untouched (`quantize_model` does both).
+    `blocksize`: weights per block scale; it must divide hidden_size and moe_intermediate_size (default: 64, or 32
+    where 64 does not divide them)."""
     if not is_4bit_config(quantization_config):
         raise ValueError(
             "quantize_experts needs a 4-bit BitsAndBytesConfig(load_in_4bit=True, ...); for int8 inference experts "
@@ -331,9 +339,11 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int = DEF
             "this model's experts are already quantized (config.expert_quantization is set); quantize the "
             "full-precision model instead, or dequantize it first with modeling_sparse_moe.quantization.dequantize_model"
         )
-    spec = expert_spec(quantization_config, blocksize)
     skip = _skip_patterns(quantization_config)
     targets = [(name, m) for name, m in _experts_modules(model) if _should_quantize(name, skip)]
+    if blocksize is None:
+        blocksize = default_blocksize(targets[0][1]) if targets else DEFAULT_BLOCKSIZE
+    spec = expert_spec(quantization_config, blocksize)
     for name, experts in targets:  # check every module before changing any: no half-quantized model on bad input
         if is_quantized_experts(experts):
             raise ValueError(f"{name} is already quantized; quantize the full-precision model instead")

@@ -410,3 +410,24 @@ def test_bad_input_is_refused_clearly(fp_model, fp_folder, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
     with pytest.raises(ValueError, match="adapters"):  # full fine-tuning of 4-bit weights: transformers' Trainer says
         Trainer(model=loaded, args=TrainingArguments(tmp_path, report_to=[], use_cpu=True))
+
+
+def test_recipe_qlora_adapts_the_4bit_experts_on_cpu(tmp_path):
+    """`--load_in_4bit --lora_target attention,experts` in a recipe, from configs/tiny (widths of 32: block size 32)."""
+    from modeling_sparse_moe.tasks import translation
+
+    result = translation.main([
+        "--config_name", "configs/tiny", "--offline_corpus", "country_names", "--output_dir", str(tmp_path / "mt"),
+        "--do_train", "--max_train_samples", "16", "--max_steps", "3", "--learning_rate", "1e-2", "--lora_r", "4",
+        "--lora_target", "attention,experts", "--load_in_4bit", "--report_to", "none", "--disable_tqdm", "true",
+        "--save_strategy", "no", "--per_device_train_batch_size", "8", "--tokenizer_vocab_size", "300",
+    ])
+    model = result["model"]
+    experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    assert is_quantized_experts(experts) and experts.quant_spec["blocksize"] == 32
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in n and "lora_" in n for n in trainable) and any("q_proj.lora_" in n for n in trainable)
+    assert all("lora_" in n for n in trainable)
+    with pytest.raises(ValueError, match="--lora_r"):
+        translation.main(["--config_name", "configs/tiny", "--offline_corpus", "country_names", "--output_dir",
+                          str(tmp_path / "full"), "--do_train", "--load_in_4bit", "--max_steps", "1"])
