@@ -33,6 +33,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Protocol
 
 import torch
@@ -95,13 +96,22 @@ def from_hf(model_or_path, *, dtype: torch.dtype | None = None, attn_implementat
     return _convert(model_or_path, build, dtype, attn_implementation)
 
 
-def to_hf(model_or_path, family: str, *, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
+def to_hf(
+    model_or_path,
+    family: str,
+    *,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    dequantize: bool = False,
+):
     """Convert a `SparseMoEForCausalLM` (or its folder) into the transformers-native class of `family` (one of
     `MOE_FAMILIES`) with the same logits. `save_pretrained` on the result writes the family's own on-disk layout, which
     loads with plain `AutoModelForCausalLM` and serving engines. Raises a `ValueError` listing every feature of the
     model the family cannot express. Training-only settings (capacity, z-loss, bias updates) are dropped with a
-    warning: they do not change inference."""
+    warning: they do not change inference. A 4-bit model (quantization.py) is refused unless `dequantize=True`, which
+    converts its dequantized weights (the values the 4-bit model computes with)."""
     _check_family(family, MOE_FAMILIES, "to_hf")
+    model_or_path = _full_precision(model_or_path, dequantize)
 
     def build(config, source):
         if not isinstance(config, SparseMoEConfig):
@@ -110,6 +120,28 @@ def to_hf(model_or_path, family: str, *, dtype: torch.dtype | None = None, attn_
         return _causal_lm_class(family), hf_config, _plan_to_hf(family, hf_config), source
 
     return _convert(model_or_path, build, dtype, attn_implementation)
+
+
+def _full_precision(model_or_path, dequantize: bool):
+    """`model_or_path` itself, or a dequantized copy of a quantized one (`dequantize=True`); else a ValueError."""
+    if isinstance(model_or_path, torch.nn.Module):
+        config = model_or_path.config
+    else:
+        config_file = Path(model_or_path) / "config.json"
+        config = SimpleNamespace(**json.loads(config_file.read_text())) if config_file.is_file() else None
+    if not (getattr(config, "expert_quantization", None) or getattr(config, "quantization_config", None)):
+        return model_or_path
+    if not dequantize:
+        raise ValueError(
+            "to_hf: this model is quantized (bitsandbytes 4-bit); a transformers family checkpoint holds full-precision "
+            "weights. Convert the full-precision checkpoint instead, or pass dequantize=True to convert the "
+            "dequantized 4-bit weights (modeling_sparse_moe.quantization.dequantize_model)."
+        )
+    from .quantization import dequantize_model
+
+    if isinstance(model_or_path, torch.nn.Module):
+        return dequantize_model(copy.deepcopy(model_or_path))
+    return dequantize_model(SparseMoEForCausalLM.from_pretrained(model_or_path))
 
 
 def upcycle(

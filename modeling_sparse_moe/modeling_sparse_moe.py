@@ -43,6 +43,12 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs,
 
 from .configuration_sparse_moe import SparseMoEConfig
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
+from .quantization import (
+    after_from_pretrained,
+    is_quantized_experts,
+    prepare_quantized_layout,
+    quantized_experts_forward,
+)
 
 
 # ----------------------------------------------------------------------------------- transformers 5.x compatibility
@@ -418,6 +424,8 @@ class SparseMoEExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if is_quantized_experts(self):  # 4-bit experts (quantization.py): packed weights, dequantized per expert
+            return quantized_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         num_tokens, top_k = top_k_index.shape
         out_TKD = hidden_states.new_zeros(num_tokens, top_k, self.hidden_dim)
         for expert_idx in torch.unique(top_k_index).tolist():
@@ -739,6 +747,18 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
         requested_experts = SPARSE_MOE_EXPERTS if requested_experts is None else requested_experts
         return super().get_correct_experts_implementation(requested_experts)
 
+    def post_init(self):
+        super().post_init()
+        prepare_quantized_layout(self)  # a saved 4-bit model: packed expert layout, for its checkpoint to fill
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # NOTE: bitsandbytes' quantizer replaces nn.Linear layers only; with a 4-bit BitsAndBytesConfig the 3D experts
+        # are packed here, after loading (quantization.py).
+        loaded = super().from_pretrained(*args, **kwargs)
+        after_from_pretrained(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # NOTE: transformers writes the `auto_map` entry of the saved class only, so a folder saved from the causal LM
         # could not be opened with AutoModelForSequenceClassification(trust_remote_code=True). List every head.
@@ -752,7 +772,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, SparseMoEExperts):
+        if isinstance(module, SparseMoEExperts) and not is_quantized_experts(module):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, SparseMoERouter):

@@ -74,6 +74,8 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
+from .quantization import is_quantized_experts, quantized_experts_forward
+
 
 SPARSE_MOE_EXPERTS = "sparse_moe"
 # NOTE: glibc serves allocations above 32 MiB with fresh mmap pages, and their page faults are paid on every call.
@@ -893,6 +895,8 @@ def sparse_moe_experts_forward(
     hidden_states (T, D), top_k_index (T, K) with `num_experts` marking a dropped assignment, top_k_weights (T, K)
     fp32 -> (T, D) in the dtype of `hidden_states`.
     """
+    if is_quantized_experts(self):  # 4-bit experts: their own path, dequantizing only experts with rows
+        return quantized_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if self.has_bias or not self.has_gate or self.is_transposed or not self.is_concatenated:
         raise NotImplementedError("`sparse_moe` experts support gated, bias-free, (E, 2F, D)/(E, D, F) weights only.")
     gate_up_EHD, down_EDF = self.gate_up_proj, self.down_proj

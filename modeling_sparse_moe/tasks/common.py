@@ -72,7 +72,10 @@ class LoraArguments:
             "experts (the 3D expert tensors through PEFT `target_parameters`), mlp (dense MLPs), or module names."
         },
     )
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base in 4 bits (CUDA + bitsandbytes)."})
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: quantize the base to NF4, experts included (bitsandbytes; CPU or CUDA); needs --lora_r."},
+    )
 
 
 @dataclass
@@ -117,7 +120,7 @@ def start_recipe(data_arguments, training_arguments, argv: list[str] | None):
     if lora_args.load_in_4bit:
         from .peft_utils import check_qlora_available
 
-        check_qlora_available()
+        check_qlora_available(lora_args.lora_r)
     return model_args, data_args, lora_args, training_args, last_checkpoint
 
 

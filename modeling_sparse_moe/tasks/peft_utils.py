@@ -2,7 +2,9 @@
 
 The MoE weights are not all `nn.Linear`: the router (`mlp.gate.weight`, (E, D)) and the experts
 (`mlp.experts.gate_up_proj` (E, 2F, D), `mlp.experts.down_proj` (E, D, F)) are plain parameters, which PEFT >= 0.17
-adapts through `LoraConfig(target_parameters=[...])` (one low-rank delta per expert tensor).
+adapts through `LoraConfig(target_parameters=[...])` (one low-rank delta per expert tensor). With `--load_in_4bit`
+the base is quantized to NF4 (experts included, `modeling_sparse_moe.quantization`) and the same targets train
+adapters on the frozen 4-bit experts (QLoRA), on CPU too.
 """
 
 from __future__ import annotations
@@ -42,53 +44,84 @@ def lora_config(
             modules.append(part)
     if not modules and not parameters:
         raise ValueError(f"--lora_target {target!r} names nothing this model has")
-    return LoraConfig(
+    from ..quantization import with_quantized_experts  # LoRA on 4-bit experts; full-precision ones are unaffected
+
+    return with_quantized_experts(LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=modules or None,
         target_parameters=parameters or None,
         task_type=task_type,
-    )
+    ))
 
 
 def apply_lora(model, lora_args, task_type=None):
-    """Wrap `model` with LoRA adapters from `LoraArguments` (a no-op when `lora_r == 0`)."""
+    """Wrap `model` with LoRA adapters from `LoraArguments` (a no-op when `lora_r == 0`); with `--load_in_4bit` the
+    base is quantized first (`quantize_for_qlora`)."""
     if lora_args.lora_r <= 0:
         return model
+    if getattr(lora_args, "load_in_4bit", False):
+        model = quantize_for_qlora(model)
     cfg = lora_config(
         lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target, task_type, model
     )
     return get_peft_model(model, cfg)
 
 
-def check_qlora_available() -> None:
-    """QLoRA (4-bit NF4 base weights through bitsandbytes, LoRA on top) needs CUDA and bitsandbytes; refuse clearly
-    elsewhere instead of failing deep inside a load. On a CUDA machine:
+def check_qlora_available(lora_r: int | None = None) -> None:
+    """QLoRA (4-bit NF4 base weights through bitsandbytes, LoRA on top) needs bitsandbytes and, as any 4-bit model,
+    adapters to train: refuse clearly instead of failing deep inside a load. bitsandbytes >= 0.48 runs 4-bit weights
+    on CPU as well as on CUDA. What `--load_in_4bit` does, by hand:
 
         from transformers import BitsAndBytesConfig
+        from modeling_sparse_moe.quantization import with_quantized_experts
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
-        model = peft.prepare_model_for_kbit_training(model)   # then apply_lora as usual
-
-    Note: bitsandbytes quantizes `nn.Linear` layers only: the 3D expert tensors stay in the compute dtype."""
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "QLoRA (--load_in_4bit) needs a CUDA GPU: bitsandbytes 4-bit layers do not run on this machine (no CUDA "
-            "device found). Drop --load_in_4bit to train LoRA adapters on full-precision weights."
-        )
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))   # experts too
+        model = peft.prepare_model_for_kbit_training(model)
+        model = peft.get_peft_model(model, with_quantized_experts(LoraConfig(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"])))"""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes.functional as bnb_functional
     except ImportError as err:
         raise RuntimeError("QLoRA (--load_in_4bit) needs the bitsandbytes package: pip install bitsandbytes") from err
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        bnb_functional.quantize_4bit(torch.ones(64, device=device), quant_type="nf4")
+    except (RuntimeError, NotImplementedError) as err:
+        raise RuntimeError(
+            f"QLoRA (--load_in_4bit): this bitsandbytes build cannot quantize to 4 bits on {device} ({err}). "
+            "Upgrade bitsandbytes (>= 0.48 runs on CPU), or drop --load_in_4bit to train LoRA on full-precision weights."
+        ) from err
+    if lora_r is not None and lora_r <= 0:
+        raise ValueError(
+            "--load_in_4bit freezes the base in 4 bits, so full fine-tuning (--lora_r 0) cannot update it: add "
+            "--lora_r 8 (QLoRA), or drop --load_in_4bit to fine-tune every weight in full precision."
+        )
 
 
 def quantization_config():
+    """The QLoRA base format: NF4 with double quantization; bf16 compute on GPUs, fp32 on CPU (no fast bf16 GEMM)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
     )
+
+
+def quantize_for_qlora(model):
+    """The loaded full-precision model quantized as `from_pretrained(..., quantization_config=quantization_config())`
+    would have done (experts included), then made ready for k-bit training (PEFT). A model already loaded in 4 bits
+    is only prepared."""
+    from peft import prepare_model_for_kbit_training
+
+    from ..quantization import quantize_model
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model = quantize_model(model, quantization_config())
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def folder_size(path: str | os.PathLike) -> int:

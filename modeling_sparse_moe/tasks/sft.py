@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from . import common
 from .data import country_qa_dataset
-from .peft_utils import lora_config
+from .peft_utils import lora_config, quantize_for_qlora
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.chat_template = CHAT_TEMPLATE
     config = common.load_config(model_args, tokenizer)
     model = common.load_model(AutoModelForCausalLM, model_args, config)
+    if lora_args.load_in_4bit:
+        model = quantize_for_qlora(model)
     peft_config = lora_config(lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target,
                               "CAUSAL_LM", model) if lora_args.lora_r > 0 else None
     trainer = SFTTrainer(

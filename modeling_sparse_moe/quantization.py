@@ -1,0 +1,557 @@
+# Copyright 2026 The sparse-moe authors. Licensed under the Apache License, Version 2.0.
+"""4-bit (NF4 / FP4) routed experts through bitsandbytes' functional API, QLoRA on them, and the CPU save trap.
+
+Hub-facing file: it is copied next to `config.json` and imports only torch and transformers at module level;
+bitsandbytes and peft are imported lazily with `importlib` (transformers' remote-code check reads every `import`
+statement of a file, indented or not, and would otherwise demand them of every user of a Hub folder).
+
+Shape legend as in moe_dispatch.py: T tokens, K experts per token, E experts, D hidden, F expert hidden, O / I the
+output / input width of one expert projection (gate_up: 2F x D, down: D x F), N computed assignments.
+
+Design (why not bitsandbytes' parametrizations or `Params4bit`):
+  - A quantized `SparseMoEExperts` keeps its class and its parameter names. `gate_up_proj` / `down_proj` become
+    frozen uint8 parameters (E, O*I/2) holding each expert's packed 4-bit codes, with per-expert buffers for the block
+    scales (`<name>_absmax`, plus `<name>_nested_absmax` / `<name>_nested_offset` under double quantization) and the
+    code books (`<name>_quant_map`, `<name>_nested_quant_map`). Each expert is quantized on its own with
+    `bitsandbytes.functional.quantize_4bit`, so expert e is a contiguous slice of every tensor and
+    `dequantize_4bit` on that slice rebuilds exactly that expert: the forward dequantizes only experts that received
+    tokens, once per call. (`replace_parameter_4bit` quantizes the whole stack as one tensor: its forward dequantizes
+    all E experts on every access, and it renames the parameter, so PEFT's `target_parameters` no longer matches.)
+  - Our packing is bitsandbytes' portable layout and never changes after quantization, so `state_dict()` is a read.
+    bitsandbytes' own `Linear4bit` (attention, shared experts) repacks its weight in eval-mode CPU forwards on
+    machines with AVX512-BF16 (`Linear4bit.support_avx512bf16_for_cpu`) and undoes that in `_save_to_state_dict`;
+    the undo is lossy (see `disable_cpu_weight_repacking`), so every `state_dict()` changed the model. We switch the
+    repacking off on every `Linear4bit` of our models.
+  - The quantization is recorded in `config.expert_quantization` (format, block size, compute dtype, which expert
+    modules): a saved folder rebuilds the packed layout before its weights load (`prepare_quantized_layout`).
+  - QLoRA: PEFT's `ParamWrapper` (what `target_parameters` creates) adds LoRA by registering a parametrization that
+    evaluates `W + B @ A` for the whole (E, O, I) stack on every forward; on 4-bit experts that is a full-size float
+    tensor per forward, the memory QLoRA exists to save. `with_quantized_experts(lora_config)` registers
+    `ParamWrapper4bit` for our experts: the same adapters (same names and shapes, so they load onto a full-precision
+    base and merge there), applied per active expert as x -> x A_e^T B_e^T, next to the dequantized base product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when experts are quantized
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, as its Linear4bit layers use; 32 where 64 does not divide the widths
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized scales
+
+
+def _bnb():
+    return importlib.import_module("bitsandbytes")
+
+
+def _bnb_functional():
+    return importlib.import_module("bitsandbytes.functional")
+
+
+def _dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    return getattr(torch, str(name).replace("torch.", ""))
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+def _config_value(quantization_config, key, default=None):
+    if quantization_config is None:
+        return default
+    if isinstance(quantization_config, dict):
+        return quantization_config.get(key, default)
+    return getattr(quantization_config, key, default)
+
+
+def is_4bit_config(quantization_config) -> bool:
+    """Whether a `BitsAndBytesConfig` (object or dict, as config.json stores it) asks for 4-bit weights."""
+    return bool(_config_value(quantization_config, "load_in_4bit", False)) and (
+        _config_value(quantization_config, "quant_method", "bitsandbytes") in ("bitsandbytes", None)
+        or str(_config_value(quantization_config, "quant_method")).endswith("BITS_AND_BYTES")
+    )
+
+
+def default_blocksize(experts: nn.Module) -> int:
+    """64 (bitsandbytes' default), or 32 for experts whose widths 64 does not divide (e.g. configs/tiny)."""
+    widths = (experts.hidden_dim, experts.intermediate_dim)
+    return next((b for b in (DEFAULT_BLOCKSIZE, 32) if all(w % b == 0 for w in widths)), DEFAULT_BLOCKSIZE)
+
+
+def expert_spec(quantization_config, blocksize: int = DEFAULT_BLOCKSIZE) -> dict:
+    """The `config.expert_quantization` entry a 4-bit `BitsAndBytesConfig` asks for (modules filled in later)."""
+    compute = _config_value(quantization_config, "bnb_4bit_compute_dtype", None) or torch.float32
+    return {
+        "method": "bnb_4bit",
+        "quant_type": _config_value(quantization_config, "bnb_4bit_quant_type", "nf4"),
+        "double_quant": bool(_config_value(quantization_config, "bnb_4bit_use_double_quant", False)),
+        "compute_dtype": str(_dtype(compute)).replace("torch.", ""),
+        "blocksize": int(blocksize),
+        "modules": [],
+    }
+
+
+def _skip_patterns(quantization_config) -> list[str]:
+    return list(_config_value(quantization_config, "llm_int8_skip_modules", None) or [])
+
+
+def _should_quantize(name: str, patterns: list[str]) -> bool:
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return should_convert_module(name, patterns)
+
+
+def _check_blocksize(experts: nn.Module, blocksize: int) -> None:
+    if blocksize <= 0 or blocksize & (blocksize - 1) or blocksize < 32:
+        raise ValueError(f"4-bit block size {blocksize} is not a power of two >= 32; use 64 (bitsandbytes' default).")
+    for width, what in ((experts.hidden_dim, "hidden_size"), (experts.intermediate_dim, "moe_intermediate_size")):
+        if width % blocksize:
+            raise ValueError(
+                f"4-bit block size {blocksize} does not divide the expert width {what}={width}: every block must lie "
+                f"in one row of one expert. Use a block size that divides {width} (e.g. "
+                f"{math.gcd(width, DEFAULT_BLOCKSIZE) if math.gcd(width, DEFAULT_BLOCKSIZE) >= 32 else 32}), or leave "
+                "these experts in full precision with llm_int8_skip_modules=['experts']."
+            )
+
+
+# --------------------------------------------------------------------------------------------------------- packing
+def is_quantized_experts(module: nn.Module) -> bool:
+    return getattr(module, "quant_spec", None) is not None
+
+
+def _expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        "gate_up_proj": (2 * experts.intermediate_dim, experts.hidden_dim),
+        "down_proj": (experts.hidden_dim, experts.intermediate_dim),
+    }
+
+
+def _register_layout(experts: nn.Module, spec: dict, device, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace the float expert parameters by the packed layout (from `tensors`, or empty for a checkpoint to fill)."""
+    E = experts.num_experts
+    for name, (out_dim, in_dim) in _expert_shapes(experts).items():
+        blocks = out_dim * in_dim // spec["blocksize"]
+        nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+        shapes = {
+            name: ((E, out_dim * in_dim // 2), torch.uint8),
+            f"{name}_absmax": ((E, blocks), torch.uint8 if spec["double_quant"] else torch.float32),
+            f"{name}_quant_map": ((16,), torch.float32),
+        }
+        if spec["double_quant"]:
+            shapes[f"{name}_nested_absmax"] = ((E, nested_blocks), torch.float32)
+            shapes[f"{name}_nested_offset"] = ((E,), torch.float32)
+            shapes[f"{name}_nested_quant_map"] = ((256,), torch.float32)
+        if name in experts._parameters:
+            del experts._parameters[name]
+        for key, (shape, dtype) in shapes.items():
+            value = tensors[key] if tensors is not None else torch.empty(shape, dtype=dtype, device=device)
+            if key == name:  # the packed codes keep the parameter's name: PEFT's target_parameters still matches
+                experts.register_parameter(key, nn.Parameter(value, requires_grad=False))
+            else:
+                experts.register_buffer(key, value)
+    experts.quant_spec = dict(spec)
+
+
+@torch.no_grad()
+def quantize_experts_module(experts: nn.Module, spec: dict) -> None:
+    """Quantize one `SparseMoEExperts` in place, expert by expert (see the module docstring for the layout)."""
+    BF = _bnb_functional()
+    if is_quantized_experts(experts):
+        raise ValueError("these experts are already quantized; load the full-precision checkpoint to quantize anew")
+    _check_blocksize(experts, spec["blocksize"])
+    tensors: dict[str, torch.Tensor] = {}
+    device = experts.gate_up_proj.device
+    for name in EXPERT_PARAMS:
+        weight_EOI = getattr(experts, name).detach()
+        parts: dict[str, list[torch.Tensor]] = {}
+        for e in range(weight_EOI.shape[0]):
+            # NOTE: quantized from fp32 whatever the storage dtype: bitsandbytes' CPU kernel takes fp32/bf16/fp16 alike,
+            # and fp32 keeps the block scales exact.
+            packed, state = BF.quantize_4bit(
+                weight_EOI[e].float().contiguous(), blocksize=spec["blocksize"],
+                compress_statistics=spec["double_quant"], quant_type=spec["quant_type"],
+            )
+            parts.setdefault(name, []).append(packed.reshape(-1))
+            parts.setdefault(f"{name}_absmax", []).append(state.absmax.reshape(-1))
+            if spec["double_quant"]:
+                parts.setdefault(f"{name}_nested_absmax", []).append(state.state2.absmax.reshape(-1).float())
+                parts.setdefault(f"{name}_nested_offset", []).append(state.offset.reshape(()).float())
+                tensors[f"{name}_nested_quant_map"] = state.state2.code.float()
+            tensors[f"{name}_quant_map"] = state.code.float()
+        for key, values in parts.items():
+            tensors[key] = torch.stack(values).to(device)
+    for key in list(tensors):
+        tensors[key] = tensors[key].to(device)
+    _register_layout(experts, spec, device, tensors)
+
+
+def dequantize_expert(experts: nn.Module, name: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Expert `expert`'s (O, I) weight of projection `name`, dequantized (compute dtype unless `dtype`)."""
+    BF = _bnb_functional()
+    spec = experts.quant_spec
+    out_dim, in_dim = _expert_shapes(experts)[name]
+    dtype = _dtype(spec["compute_dtype"]) if dtype is None else dtype
+    buffers = experts._buffers
+    state2, offset = None, None
+    if spec["double_quant"]:
+        state2 = BF.QuantState(
+            absmax=buffers[f"{name}_nested_absmax"][expert].float(), code=buffers[f"{name}_nested_quant_map"].float(),
+            blocksize=NESTED_BLOCKSIZE, dtype=torch.float32,
+        )
+        offset = buffers[f"{name}_nested_offset"][expert].float()
+    absmax = buffers[f"{name}_absmax"][expert]  # NOTE: fp32 again if `model.to(bfloat16)` cast the scales
+    state = BF.QuantState(
+        absmax=absmax.float() if absmax.is_floating_point() else absmax, shape=torch.Size((out_dim, in_dim)),
+        code=buffers[f"{name}_quant_map"].float(), blocksize=spec["blocksize"], quant_type=spec["quant_type"],
+        dtype=dtype, offset=offset, state2=state2,
+    )
+    return BF.dequantize_4bit(experts._parameters[name][expert], state)
+
+
+def dequantize_experts(experts: nn.Module, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole (E, O, I) stack of `name`, dequantized: for conversion and tests, never in the forward."""
+    return torch.stack([dequantize_expert(experts, name, e, dtype) for e in range(experts.num_experts)])
+
+
+def expert_bytes(experts: nn.Module) -> int:
+    """Bytes the expert weights occupy (packed codes, scales and code books when quantized)."""
+    tensors = [p for n, p in experts.named_parameters(recurse=False) if n in EXPERT_PARAMS or n.startswith(EXPERT_PARAMS)]
+    tensors += [b for n, b in experts.named_buffers(recurse=False) if n.startswith(EXPERT_PARAMS)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------- forward
+def _lora_delta(x_NI: torch.Tensor, factors: list, expert: int) -> torch.Tensor | None:
+    """sum over adapters of scaling * x A_e^T B_e^T (PEFT's per-expert delta, never materialised as a matrix)."""
+    delta = None
+    for lhs_EOR, rhs_ERI, scaling in factors:
+        part = F.linear(F.linear(x_NI, rhs_ERI[expert].to(x_NI.dtype)), lhs_EOR[expert].to(x_NI.dtype)) * scaling
+        delta = part if delta is None else delta + part
+    return delta
+
+
+def quantized_experts_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The expert path of 4-bit experts, every `experts_implementation` (planned, eager; also what compiled graphs
+    call, outside the graph): one plan (a single host read of the per-expert counts, as the planned path), then for
+    each expert with rows only: dequantize its two projections once, gate/up, activation, down, and the weighted rows
+    put back in (T, K) order; the K slots are summed in fp32 in a fixed order, as the eager reference.
+    Dropped assignments (index E) are never computed. LoRA factors attached by `ParamWrapper4bit` are added per
+    expert. (T, D) in the dtype of `hidden_states`."""
+    from .moe_dispatch import plan_dispatch  # sibling import here: moe_dispatch imports this module
+
+    num_tokens, top_k = top_k_index.shape
+    compute_dtype = _dtype(experts.quant_spec["compute_dtype"])
+    lora = getattr(experts, "_lora_factors", None) or {}
+    device_type = hidden_states.device.type
+    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext():
+        x_TD = hidden_states.to(compute_dtype)
+        plan = plan_dispatch(top_k_index, experts.num_experts)
+        weights_A = top_k_weights.reshape(-1).float()
+        out_AD = x_TD.new_zeros(num_tokens * top_k, experts.hidden_dim, dtype=torch.float32)
+        ffn = experts.intermediate_dim
+        for expert, start, end in plan.segments:
+            rows_N = plan.rows_N[start:end] if plan.rows_N is not None else torch.arange(start, end, device=x_TD.device)
+            x_ND = x_TD[rows_N // top_k]
+            h_NH = F.linear(x_ND, dequantize_expert(experts, "gate_up_proj", expert, compute_dtype))
+            delta = _lora_delta(x_ND, lora.get("gate_up_proj", []), expert)
+            h_NH = h_NH if delta is None else h_NH + delta
+            g_NF = experts.act_fn(h_NH[:, :ffn]) * h_NH[:, ffn:]
+            y_ND = F.linear(g_NF, dequantize_expert(experts, "down_proj", expert, compute_dtype))
+            delta = _lora_delta(g_NF, lora.get("down_proj", []), expert)
+            y_ND = y_ND if delta is None else y_ND + delta
+            out_AD = out_AD.index_put((rows_N,), y_ND.float() * weights_A[rows_N].unsqueeze(-1))
+        out_TD = out_AD.view(num_tokens, top_k, -1).sum(dim=1)
+    return out_TD.to(hidden_states.dtype)
+
+
+# NOTE: a compiled graph calls the quantized path as an opaque region (a graph break): it reads the plan back to the
+# host and calls bitsandbytes' kernels, which dynamo cannot trace.
+quantized_experts_forward = torch.compiler.disable(quantized_experts_forward)
+
+
+# ------------------------------------------------------------------------------------------------ bitsandbytes trap
+def disable_cpu_weight_repacking(model: nn.Module) -> int:
+    """Keep bitsandbytes' `Linear4bit` layers of `model` in their portable 4-bit layout. Returns how many.
+
+    NOTE (bitsandbytes 0.50.2, CPU with AVX512-BF16, `torch.backends.cpu.get_cpu_capability() == "AVX512"`): an
+    eval-mode forward without gradients repacks the weight for its CPU GEMV kernel (`_convert_weight_packed_for_cpu`:
+    block scales transposed to (I/blocksize, O) and rounded to bf16, double-quantized scales expanded), and
+    `Linear4bit._save_to_state_dict` undoes it with `_convert_weight_packed_for_cpu_inverse`, which transposes the
+    scales back only when they were double-quantized (plain scales stay transposed: max |dlogit| ~10 on a 128-wide
+    model) and re-quantizes double-quantized ones with a new offset (drift on every call). So every `state_dict()`
+    (Trainer checkpoints, save_pretrained) changed the model. The switch is the layer's `support_avx512bf16_for_cpu`
+    (read on every forward); with it off, the layer runs bitsandbytes' portable dequantize + matmul path, whose
+    numbers are those of the saved weights."""
+    bnb = _bnb()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+# -------------------------------------------------------------------------------------------------- model-level API
+def _experts_modules(model: nn.Module):
+    from .modeling_sparse_moe import SparseMoEExperts
+
+    for name, module in model.named_modules():
+        if isinstance(module, SparseMoEExperts):
+            yield name, module
+
+
+def _model_config(model: nn.Module):
+    return getattr(model, "config", None)
+
+
+def _record(model: nn.Module, spec: dict) -> None:
+    config = _model_config(model)
+    if config is not None:
+        setattr(config, CONFIG_KEY, spec)
+
+
+def quantize_experts(model: nn.Module, quantization_config, blocksize: int | None = None) -> nn.Module:
+    """Quantize the routed experts of `model` to 4 bits in place, as `from_pretrained(..., quantization_config=
+    BitsAndBytesConfig(load_in_4bit=True, ...))` does after loading (format, double quantization, compute dtype and
+    `llm_int8_skip_modules` from the config). Linear layers are untouched (`quantize_model` does both).
+    `blocksize`: weights per block scale; it must divide hidden_size and moe_intermediate_size (default: 64, or 32
+    where 64 does not divide them)."""
+    if not is_4bit_config(quantization_config):
+        raise ValueError(
+            "quantize_experts needs a 4-bit BitsAndBytesConfig(load_in_4bit=True, ...); for int8 inference experts "
+            "use modeling_sparse_moe.int8_experts."
+        )
+    config = _model_config(model)
+    if config is not None and getattr(config, CONFIG_KEY, None):
+        raise ValueError(
+            "this model's experts are already quantized (config.expert_quantization is set); quantize the "
+            "full-precision model instead, or dequantize it first with modeling_sparse_moe.quantization.dequantize_model"
+        )
+    skip = _skip_patterns(quantization_config)
+    targets = [(name, m) for name, m in _experts_modules(model) if _should_quantize(name, skip)]
+    if blocksize is None:
+        blocksize = default_blocksize(targets[0][1]) if targets else DEFAULT_BLOCKSIZE
+    spec = expert_spec(quantization_config, blocksize)
+    for name, experts in targets:  # check every module before changing any: no half-quantized model on bad input
+        if is_quantized_experts(experts):
+            raise ValueError(f"{name} is already quantized; quantize the full-precision model instead")
+        _check_blocksize(experts, blocksize)
+    for name, experts in targets:
+        quantize_experts_module(experts, spec)
+        spec["modules"].append(name)
+    _record(model, spec)
+    return model
+
+
+def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
+    """`from_config` + this = `from_pretrained(..., quantization_config=...)`: the linear layers become bitsandbytes
+    `Linear4bit` (the output head and `llm_int8_skip_modules` excepted, as transformers chooses), the routed experts
+    are packed by `quantize_experts`, the router and norms stay in full precision, and the model is marked as a
+    4-bit model (`is_loaded_in_4bit`, `hf_quantizer`, `config.quantization_config`) so PEFT, Trainer and
+    `save_pretrained` treat it as one loaded that way."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(_model_config(model), CONFIG_KEY, None):
+        raise ValueError(
+            "this model is already quantized; call quantize_model on a full-precision model (e.g. from_config or "
+            "from_pretrained without quantization_config)"
+        )
+    if not is_4bit_config(quantization_config):
+        raise ValueError("quantize_model needs BitsAndBytesConfig(load_in_4bit=True, ...)")
+    bnb = _bnb()
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+    skip = quantizer.get_modules_to_not_convert(
+        model, quantization_config.llm_int8_skip_modules, getattr(model, "_keep_in_fp32_modules", None)
+    )
+    originals = {name: m for name, m in model.named_modules() if type(m) is nn.Linear and _should_quantize(name, skip)}
+    quantize_experts(model, quantization_config)  # validates everything before the first change
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=quantization_config)
+    for name, linear in originals.items():
+        new = model.get_submodule(name)
+        if not isinstance(new, bnb.nn.Linear4bit):
+            continue
+        device = linear.weight.device
+        new.weight = bnb.nn.Params4bit(
+            linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_type=quantization_config.bnb_4bit_quant_type, quant_storage=quantization_config.bnb_4bit_quant_storage,
+            module=new,
+        ).to(device)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    model.is_loaded_in_4bit = True
+    model.quantization_method = quantization_config.quant_method
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = quantization_config
+    disable_cpu_weight_repacking(model)
+    return model
+
+
+def prepare_quantized_layout(model: nn.Module) -> None:
+    """Called when a model is built (`post_init`): a config that records quantized experts (a saved 4-bit model)
+    gets their packed layout, empty, for the checkpoint to fill."""
+    spec = getattr(_model_config(model), CONFIG_KEY, None)
+    if not spec:
+        return
+    wanted = set(spec.get("modules", []))
+    for name, experts in _experts_modules(model):
+        if name in wanted and not is_quantized_experts(experts):
+            _register_layout(experts, spec, experts.gate_up_proj.device)
+
+
+def after_from_pretrained(model: nn.Module) -> nn.Module:
+    """Called at the end of `from_pretrained`: under a 4-bit `BitsAndBytesConfig` quantize the experts that the
+    checkpoint held in full precision, and switch off bitsandbytes' lossy CPU repacking (see
+    `disable_cpu_weight_repacking`)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization_config = getattr(quantizer, "quantization_config", None)
+    if quantizer is None or not is_4bit_config(quantization_config):
+        return model
+    if not getattr(model.config, CONFIG_KEY, None):
+        # NOTE: the checkpoint's experts were loaded in full precision and are packed here, one module at a time
+        # (each float stack is freed as it is packed): peak memory holds the full-precision experts once.
+        quantize_experts(model, quantization_config)
+    disable_cpu_weight_repacking(model)
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Back to full precision in place: experts unpacked into float parameters, `Linear4bit` layers into
+    `nn.Linear` (transformers' `dequantize`), the quantization records removed. Lossless with respect to the 4-bit
+    model (the values it computed with), not to the model before quantization."""
+    for _, experts in _experts_modules(model):
+        if not is_quantized_experts(experts):
+            continue
+        target = dtype or _dtype(experts.quant_spec["compute_dtype"])
+        weights = {name: dequantize_experts(experts, name, target) for name in EXPERT_PARAMS}
+        for key in [k for k in list(experts._buffers) if k.startswith(EXPERT_PARAMS)]:
+            del experts._buffers[key]
+        for name, value in weights.items():
+            del experts._parameters[name]
+            experts.register_parameter(name, nn.Parameter(value))
+        experts.quant_spec = None
+    if getattr(model, "hf_quantizer", None) is not None:
+        from transformers.integrations.bitsandbytes import dequantize_and_replace
+
+        dequantize_and_replace(model, quantization_config=model.hf_quantizer.quantization_config, dtype=dtype)
+        model.hf_quantizer = None
+        model.is_loaded_in_4bit = False
+    config = _model_config(model)
+    for key in (CONFIG_KEY, "quantization_config"):
+        if config is not None and hasattr(config, key):
+            delattr(config, key)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------- QLoRA
+_PARAM_WRAPPER_4BIT = None
+
+
+def _param_wrapper_4bit_class():
+    """`ParamWrapper4bit`, built on first use (peft is imported lazily)."""
+    global _PARAM_WRAPPER_4BIT
+    if _PARAM_WRAPPER_4BIT is not None:
+        return _PARAM_WRAPPER_4BIT
+    ParamWrapper = importlib.import_module("peft.tuners.lora.layer").ParamWrapper
+
+    class _LogicalParam:
+        """What PEFT reads of a targeted parameter (shape, dtype, device), for the packed one: the expert shape."""
+
+        def __init__(self, shape, dtype, device):
+            self.shape, self.dtype, self.device = torch.Size(shape), dtype, device
+
+    class ParamWrapper4bit(ParamWrapper):
+        """PEFT's `ParamWrapper` for a 4-bit expert stack: same adapters (names, shapes, init, scaling), applied per
+        active expert by `quantized_experts_forward` instead of as a parametrization of the whole stack."""
+
+        def get_param(self):
+            experts = self.get_base_layer()
+            if not is_quantized_experts(experts):
+                return super().get_param()
+            out_dim, in_dim = _expert_shapes(experts)[self.parameter_name]
+            compute = _dtype(experts.quant_spec["compute_dtype"])
+            device = experts._parameters[self.parameter_name].device
+            return _LogicalParam((experts.num_experts, out_dim, in_dim), compute, device)
+
+        @contextlib.contextmanager
+        def _activate_lora(self, active_adapters):
+            experts = self.get_base_layer()
+            adapters = [a for a in active_adapters if a in self.lora_A]
+            if not adapters or not is_quantized_experts(experts):
+                with super()._activate_lora(active_adapters):
+                    yield
+                return
+            factors = experts.__dict__.setdefault("_lora_factors", {})
+            previous = factors.get(self.parameter_name)
+            factors[self.parameter_name] = [self.get_delta_factors(a) for a in adapters]
+            try:
+                yield
+            finally:
+                if previous is None:
+                    factors.pop(self.parameter_name, None)
+                else:
+                    factors[self.parameter_name] = previous
+
+        def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+            if is_quantized_experts(self.get_base_layer()):
+                raise ValueError(
+                    "merging LoRA into 4-bit experts would re-quantize them (and lose the adapter's update to the "
+                    "rounding): load the base model in full precision, PeftModel.from_pretrained(base, adapter_dir), "
+                    "then merge_and_unload()"
+                )
+            super().merge(safe_merge, adapter_names)
+
+    # NOTE: PEFT recognises an existing wrapper (to nest the second parameter of the same experts module) by the class
+    # name "ParamWrapper", not by isinstance.
+    ParamWrapper4bit.__name__ = ParamWrapper4bit.__qualname__ = "ParamWrapper"
+    _PARAM_WRAPPER_4BIT = ParamWrapper4bit
+    return ParamWrapper4bit
+
+
+def _lora_factory(target, adapter_name, config=None, parameter_name=None, **kwargs):
+    ParamWrapper = importlib.import_module("peft.tuners.lora.layer").ParamWrapper
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if parameter_name is None:
+        raise ValueError(
+            "LoRA on SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
+            "'experts.down_proj'] (not target_modules=['experts'])"
+        )
+    cls = _param_wrapper_4bit_class() if is_quantized_experts(base) else ParamWrapper
+    return cls(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+
+
+def with_quantized_experts(lora_config):
+    """Register LoRA for 4-bit experts on a `peft.LoraConfig` (returns it): `target_parameters=
+    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Experts in full
+    precision get PEFT's own `ParamWrapper`, as without this call."""
+    from .modeling_sparse_moe import SparseMoEExperts
+
+    lora_config._register_custom_module({SparseMoEExperts: _lora_factory})
+    return lora_config
+
+
+__all__ = [
+    "CONFIG_KEY",
+    "dequantize_expert",
+    "dequantize_experts",
+    "dequantize_model",
+    "disable_cpu_weight_repacking",
+    "expert_bytes",
+    "is_quantized_experts",
+    "quantize_experts",
+    "quantize_model",
+    "quantized_experts_forward",
+    "with_quantized_experts",
+]

@@ -1,0 +1,433 @@
+"""4-bit experts (quantization.py): the standard loading door, the CPU state_dict trap, the expert path against the
+dequantize-then-reference model, QLoRA on the experts, save/reload and Hub folders, bad input."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import assert_fp32_close, tiny_config
+from modeling_sparse_moe import SparseMoEForCausalLM
+from modeling_sparse_moe.quantization import (
+    dequantize_experts,
+    dequantize_model,
+    disable_cpu_weight_repacking,
+    expert_bytes,
+    is_quantized_experts,
+    quantize_experts,
+    quantize_model,
+    with_quantized_experts,
+)
+
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments  # noqa: E402
+
+
+def small_config(**overrides):
+    # widths divisible by bitsandbytes' block size (64); hidden 128 gives 2 blocks per row, which the CPU trap needs
+    kwargs = dict(hidden_size=128, moe_intermediate_size=64, intermediate_size=128, initializer_range=0.02)
+    kwargs.update(overrides)
+    return tiny_config(**kwargs)
+
+
+def bnb_config(**overrides):
+    kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    kwargs.update(overrides)
+    return BitsAndBytesConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def fp_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SparseMoEForCausalLM(small_config())
+    folder = tmp_path_factory.mktemp("fp")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp_model(fp_folder):
+    return AutoModelForCausalLM.from_pretrained(fp_folder).eval()
+
+
+def ids(batch=2, seq=12, seed=0):
+    return torch.randint(3, 97, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, input_ids=None):
+    with torch.no_grad():
+        return model(input_ids if input_ids is not None else ids()).logits
+
+
+def experts_modules(model):
+    return [m for n, m in model.named_modules() if n.endswith("mlp.experts") and hasattr(m, "num_experts")]
+
+
+# ---------------------------------------------------------------------------------------------------- the CPU trap
+def test_bitsandbytes_repacking_switch_is_off(fp_folder):
+    """The switch bitsandbytes reads on every forward is off on every Linear4bit of our 4-bit models, whatever this
+    CPU has: the lossy repack (disable_cpu_weight_repacking) can never run, so nothing is left for a save to undo."""
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) >= 8 and all(m.support_avx512bf16_for_cpu is False for m in linears)
+    logits(model)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, tmp_path, double_quant):
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_use_double_quant=double_quant))
+    before = logits(model)
+    model.state_dict()
+    model.state_dict()
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    if double_quant:  # the Trainer part once: the switch, not the format, is what keeps the logits
+        return
+    peft_model = peft.get_peft_model(
+        model, with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"]))
+    ).eval()
+    before = logits(peft_model)
+    # learning rate 0: the two steps leave the adapters as they were, so only the checkpoint saves could move the logits
+    args = TrainingArguments(tmp_path / "run", max_steps=2, save_steps=1, learning_rate=0.0, report_to=[], use_cpu=True,
+                             per_device_train_batch_size=2, disable_tqdm=True)
+    batch = ids(batch=2, seq=12, seed=5)
+    data = [{"input_ids": row, "labels": row} for row in batch]
+    Trainer(model=peft_model, args=args, train_dataset=data).train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    torch.testing.assert_close(logits(peft_model.eval()), before, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_trap_exists_without_the_switch(fp_folder):
+    """Control: with bitsandbytes' own choice restored, state_dict() changes the logits on this CPU (the cause,
+    see quantization.disable_cpu_weight_repacking); our models never run that way."""
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_use_double_quant=False))
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+    before = logits(model)
+    model.state_dict()
+    assert (logits(model) - before).abs().max() > 1e-2
+    assert disable_cpu_weight_repacking(model) > 0
+
+
+# ------------------------------------------------------------------------------------------------- standard door
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_load_in_4bit_quantizes_every_expert(fp_folder, fp_model, quant_type):
+    model = AutoModelForCausalLM.from_pretrained(
+        fp_folder, quantization_config=bnb_config(bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.bfloat16)
+    )
+    for experts in experts_modules(model):
+        assert is_quantized_experts(experts) and experts.quant_spec["quant_type"] == quant_type
+        assert experts.quant_spec["compute_dtype"] == "bfloat16"
+        tensors = list(experts.named_parameters(recurse=False)) + list(experts.named_buffers(recurse=False))
+        assert not [n for n, t in tensors if t.is_floating_point() and t.dim() == 3]
+        assert all(not p.requires_grad and p.dtype == torch.uint8 for p in experts.parameters(recurse=False))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit)
+    assert layer.mlp.gate.weight.dtype == torch.float32 and layer.input_layernorm.weight.dtype == torch.float32
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    # NF4 with fp32 block scales every 64 weights: 0.5 + 4/64 bytes per weight against 2 in bf16, plus double-quant
+    # savings: at most 0.30x
+    fp_experts = experts_modules(fp_model)[0]
+    ratio = expert_bytes(experts_modules(model)[0]) / (fp_experts.gate_up_proj.numel() + fp_experts.down_proj.numel()) / 2
+    assert 0.25 <= ratio <= 0.30
+    assert model.get_memory_footprint() < 0.5 * fp_model.get_memory_footprint()
+
+
+def test_skip_modules_and_compute_dtype_are_honoured(fp_folder):
+    model = AutoModelForCausalLM.from_pretrained(
+        fp_folder, quantization_config=bnb_config(llm_int8_skip_modules=["lm_head", "model.layers.1.mlp.experts"])
+    )
+    quantized = [is_quantized_experts(m) for m in experts_modules(model)]
+    assert quantized == [True, False]
+    assert model.config.expert_quantization["modules"] == ["model.layers.0.mlp.experts"]
+
+
+def test_nf4_weight_error_within_the_code_book_bound(fp_model):
+    """Each dequantized weight is within half the widest gap of the NF4 code book times its block's absmax."""
+    code = bnb.functional.get_4bit_type("nf4", device="cpu")
+    half_gap = (code.sort().values.diff().max() / 2).item()
+    model = quantize_experts(copy.deepcopy(fp_model), bnb_config(bnb_4bit_use_double_quant=False))
+    for fp, q in zip(experts_modules(fp_model), experts_modules(model)):
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(fp, name).detach()
+            blocks = w.reshape(-1, 64)
+            bound = blocks.abs().amax(dim=1, keepdim=True) * half_gap * (1 + 1e-5)
+            error = (dequantize_experts(q, name) - w).reshape(-1, 64).abs()
+            assert (error <= bound).all()
+
+
+def test_logits_close_to_full_precision(fp_folder, fp_model):
+    """Tolerance from the format: every quantized weight matrix carries a relative RMS error eps (measured here on
+    the model's own weights: ~0.09 for NF4 on Gaussian weights), errors of the independent blocks add in quadrature,
+    and a logit passes through at most 4 quantized products per layer (v, o, gate_up, down): relative logit error
+    <= sqrt(4 * layers) * eps."""
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    squared_error, squared_norm = 0.0, 0.0
+    fp_weights = dict(fp_model.named_parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            pairs = [(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), fp_weights[f"{name}.weight"])]
+        elif name.endswith("mlp.experts"):
+            pairs = [(dequantize_experts(module, p), fp_weights[f"{name}.{p}"]) for p in ("gate_up_proj", "down_proj")]
+        else:
+            continue
+        for quantized, full in pairs:
+            squared_error += (quantized.float() - full).square().sum().item()
+            squared_norm += full.square().sum().item()
+    eps = (squared_error / squared_norm) ** 0.5
+    assert 0.05 < eps < 0.12
+    reference = logits(fp_model)
+    relative = ((logits(model) - reference).norm() / reference.norm()).item()
+    assert 0 < relative <= (4 * model.config.num_hidden_layers) ** 0.5 * eps
+
+
+def test_from_config_and_quantize_model_equals_the_standard_door(fp_folder, fp_model):
+    loaded = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    quantized = quantize_model(copy.deepcopy(fp_model), bnb_config())
+    assert quantized.is_loaded_in_4bit and quantized.config.expert_quantization == loaded.config.expert_quantization
+    assert_fp32_close(logits(quantized), logits(loaded))
+
+
+def test_converted_checkpoint_loads_quantized(tmp_path):
+    """A Mixtral checkpoint converted by conversion.from_hf, loaded with a 4-bit config."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from modeling_sparse_moe.conversion import from_hf
+
+    torch.manual_seed(0)
+    mixtral = MixtralForCausalLM(MixtralConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=1, initializer_range=0.02, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    ))
+    mixtral.save_pretrained(tmp_path / "mixtral")
+    from_hf(tmp_path / "mixtral").save_pretrained(tmp_path / "converted")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", quantization_config=bnb_config())
+    assert all(is_quantized_experts(m) for m in experts_modules(model))
+    reference = logits(mixtral)
+    assert (logits(model) - reference).norm() / reference.norm() < 0.15
+
+
+# ------------------------------------------------------------------------------------- expert path vs reference
+def _routed_models(num_experts, capacity_factor, implementation):
+    torch.manual_seed(1)
+    config = small_config(num_experts=num_experts, capacity_factor=capacity_factor, hidden_size=64)
+    config._experts_implementation = implementation
+    fp = SparseMoEForCausalLM(config)
+    quantized = quantize_experts(copy.deepcopy(fp), bnb_config())
+    reference = copy.deepcopy(fp)
+    for ref, q in zip(experts_modules(reference), experts_modules(quantized)):
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(ref, name).data.copy_(dequantize_experts(q, name))
+    return quantized, reference
+
+
+LORA_ON_EXPERTS = dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+
+
+def _lora_pair(implementation):
+    quantized, reference = _routed_models(num_experts=8, capacity_factor=0.5, implementation=implementation)
+    torch.manual_seed(2)
+    q_peft = peft.get_peft_model(quantized, with_quantized_experts(peft.LoraConfig(**LORA_ON_EXPERTS)))
+    r_peft = peft.get_peft_model(reference, peft.LoraConfig(**LORA_ON_EXPERTS))
+    peft.set_peft_model_state_dict(r_peft, peft.get_peft_model_state_dict(q_peft))
+    return q_peft.train(), r_peft.train()
+
+
+def _assert_same_lora_grads(q_model, r_model, expected: int):
+    q_grads = {n: p.grad for n, p in q_model.named_parameters() if p.requires_grad and "experts" in n and p.grad is not None}
+    r_grads = {n: p.grad for n, p in r_model.named_parameters() if p.requires_grad and "experts" in n and p.grad is not None}
+    assert q_grads.keys() == r_grads.keys() and len(q_grads) == expected
+    for name in q_grads:
+        assert q_grads[name].abs().sum() > 0
+        assert_fp32_close(q_grads[name], r_grads[name])
+
+
+@pytest.mark.parametrize("implementation", ["sparse_moe", "eager"])
+def test_expert_path_equals_dequantized_reference_with_lora_gradients(implementation):
+    """Forward and LoRA gradients of the 4-bit path against the full-precision model holding the dequantized
+    weights under PEFT's own ParamWrapper, with 8 experts (some idle) and capacity-dropped assignments (training)."""
+    q_peft, r_peft = _lora_pair(implementation)
+    input_ids = ids(batch=1, seq=5)  # 10 assignments over 8 experts: some idle; capacity 1 per expert drops some
+    dropped = []
+    for name, module in q_peft.named_modules():
+        if name.endswith("mlp.gate"):
+            module.register_forward_hook(lambda m, args, out: dropped.append(out[3]))
+    outputs = []
+    for model in (q_peft, r_peft):
+        out = model(input_ids)
+        out.logits.square().mean().backward()
+        outputs.append(out)
+    assert any(d is not None and d.any() for d in dropped)
+    assert_fp32_close(outputs[0].logits, outputs[1].logits)
+    _assert_same_lora_grads(q_peft, r_peft, expected=8)
+
+
+def test_compiled_expert_block_equals_dequantized_reference():
+    """Under torch.compile the 4-bit experts run as an opaque region (graph break) with the same numbers and LoRA
+    gradients as the eager full-precision reference block (whose compiled path is the custom-op planned path)."""
+    q_peft, r_peft = _lora_pair("sparse_moe")
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for model in (q_peft, r_peft):
+        block = model.base_model.model.model.layers[0].mlp
+        x_in = x.clone().requires_grad_(True)
+        y = torch.compile(block, backend="eager")(x_in)
+        y.square().mean().backward()
+        results.append((y, x_in.grad))
+    assert_fp32_close(results[0][0], results[1][0])
+    assert_fp32_close(results[0][1], results[1][1])
+    _assert_same_lora_grads(q_peft, r_peft, expected=4)
+
+
+def test_only_experts_with_rows_are_dequantized(monkeypatch):
+    from modeling_sparse_moe import quantization
+
+    quantized, _ = _routed_models(num_experts=8, capacity_factor=None, implementation="sparse_moe")
+    calls = []
+    original = quantization.dequantize_expert
+    monkeypatch.setattr(quantization, "dequantize_expert", lambda m, n, e, d=None: calls.append(e) or original(m, n, e, d))
+    logits(quantized, ids(batch=1, seq=1))  # one token, top-2: two experts per layer
+    assert len(calls) == 2 * 2 * 2  # 2 layers x 2 experts x 2 projections
+
+
+# ------------------------------------------------------------------------------------------------------- QLoRA
+def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = with_quantized_experts(peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    ))
+    model = peft.get_peft_model(model, config)
+    packed_before = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = ids(batch=2, seq=16, seed=3)
+    losses = []
+    model.train()
+    for step in range(8):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        if step < 2:  # B starts at zero (PEFT's init), so A's gradient is zero until B has moved once
+            expert_grads = {n: p.grad for n, p in model.named_parameters() if "experts" in n and "lora_" in n}
+            assert len(expert_grads) == 8
+            assert all(g.abs().sum() > 0 for n, g in expert_grads.items() if step == 1 or "lora_B" in n)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0]
+    for name, p in model.named_parameters():
+        if p.dtype == torch.uint8:
+            assert not p.requires_grad and torch.equal(p, packed_before[name])
+    model.eval()
+    trained = logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+
+    base = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=with_quantized_experts(
+        peft.LoraConfig.from_pretrained(tmp_path / "adapter")))
+    torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
+
+    # Merged into the full-precision copy of the base it trained on (the dequantized 4-bit weights): the same model.
+    dequantized = dequantize_model(AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config()))
+    merged = peft.PeftModel.from_pretrained(dequantized, tmp_path / "adapter").merge_and_unload()
+    assert_fp32_close(logits(merged), trained)
+    # Merged into the original full-precision base: the adapter carries over (its training loss stays below the base's).
+    full = peft.PeftModel.from_pretrained(copy.deepcopy(fp_model), tmp_path / "adapter")
+    unmerged = logits(full)
+    merged = full.merge_and_unload()
+    assert_fp32_close(logits(merged), unmerged)
+    with torch.no_grad():
+        assert merged(batch, labels=batch).loss < 0.9 * fp_model(batch, labels=batch).loss
+    with pytest.raises(ValueError, match="full precision"):
+        model.base_model.model.model.layers[0].mlp.experts.merge()
+
+
+# ---------------------------------------------------------------------------------------------- save and share
+def test_save_reload_keeps_logits_and_config(fp_folder, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_quant_type="fp4"))
+    before = logits(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["quantization_config"]["load_in_4bit"] and saved["expert_quantization"]["quant_type"] == "fp4"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(is_quantized_experts(m) for m in experts_modules(reloaded))
+    torch.testing.assert_close(logits(reloaded), before, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_hub_folder_of_a_quantized_model_loads_in_a_fresh_process(tmp_path):
+    from test_hub import run_fresh_process
+
+    from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
+    from modeling_sparse_moe.hub import save_for_hub
+
+    tokenizer = train_tokenizer(load_text_corpus(max_chars=5_000), vocab_size=300)
+    torch.manual_seed(0)
+    SparseMoEForCausalLM(small_config(vocab_size=len(tokenizer))).save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=bnb_config())
+    folder = save_for_hub(model, tmp_path / "hub", tokenizer)
+    assert (folder / "quantization.py").is_file()
+    text = "In the beginning"
+    enc = tokenizer([text], return_tensors="pt")
+    reference = logits(model, enc["input_ids"])
+    result = run_fresh_process(
+        [{"auto_class": "AutoModelForCausalLM", "source": str(folder), "texts": [text], "generate": None}], tmp_path / "fresh"
+    )
+    torch.testing.assert_close(torch.tensor(result["jobs"][0]["logits"]), reference, rtol=0, atol=0)
+
+
+def test_to_hf_refuses_a_quantized_model_or_dequantizes_on_request(fp_folder, tmp_path):
+    from modeling_sparse_moe.conversion import to_hf
+
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    model.save_pretrained(tmp_path / "q")
+    for source in (model, tmp_path / "q"):
+        with pytest.raises(ValueError, match="dequantize=True"):
+            to_hf(source, family="mixtral")
+    mixtral = to_hf(model, family="mixtral", dequantize=True).eval()
+    assert is_quantized_experts(experts_modules(model)[0])  # the 4-bit model itself is left as it was
+    assert_fp32_close(logits(mixtral), logits(model))
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_clearly(fp_model, fp_folder, tmp_path):
+    with pytest.raises(ValueError, match="does not divide the expert width"):
+        quantize_experts(copy.deepcopy(fp_model), bnb_config(), blocksize=256)
+    assert not any(is_quantized_experts(m) for m in experts_modules(fp_model))  # nothing half-done
+    quantized = quantize_experts(copy.deepcopy(fp_model), bnb_config())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_experts(quantized, bnb_config())
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(quantized, bnb_config())
+    loaded = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    with pytest.raises(ValueError, match="adapters"):  # full fine-tuning of 4-bit weights: transformers' Trainer says
+        Trainer(model=loaded, args=TrainingArguments(tmp_path, report_to=[], use_cpu=True))
+
+
+def test_recipe_qlora_adapts_the_4bit_experts_on_cpu(tmp_path):
+    """`--load_in_4bit --lora_target attention,experts` in a recipe, from configs/tiny (widths of 32: block size 32)."""
+    from modeling_sparse_moe.tasks import translation
+
+    result = translation.main([
+        "--config_name", "configs/tiny", "--offline_corpus", "country_names", "--output_dir", str(tmp_path / "mt"),
+        "--do_train", "--max_train_samples", "16", "--max_steps", "3", "--learning_rate", "1e-2", "--lora_r", "4",
+        "--lora_target", "attention,experts", "--load_in_4bit", "--report_to", "none", "--disable_tqdm", "true",
+        "--save_strategy", "no", "--per_device_train_batch_size", "8", "--tokenizer_vocab_size", "300",
+    ])
+    model = result["model"]
+    experts = model.base_model.model.model.layers[0].mlp.experts.get_base_layer()
+    assert is_quantized_experts(experts) and experts.quant_spec["blocksize"] == 32
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in n and "lora_" in n for n in trainable) and any("q_proj.lora_" in n for n in trainable)
+    assert all("lora_" in n for n in trainable)
+    with pytest.raises(ValueError, match="--lora_r"):
+        translation.main(["--config_name", "configs/tiny", "--offline_corpus", "country_names", "--output_dir",
+                          str(tmp_path / "full"), "--do_train", "--load_in_4bit", "--max_steps", "1"])
