@@ -221,6 +221,19 @@ def stage_pretrain(folder: Path, size: Size, state: State) -> dict:
     }
 
 
+def _verse_name(verse_id: str | None) -> str:
+    """'43:3:16' -> 'John 3:16' (book numbers as in the Protestant canon, which the Bible database uses)."""
+    if not verse_id or verse_id.count(":") != 2:
+        return str(verse_id)
+    book, chapter, verse = verse_id.split(":")
+    try:
+        import pythonbible
+
+        return f"{pythonbible.Book(int(book)).title} {chapter}:{verse}"
+    except (ImportError, ValueError):
+        return verse_id
+
+
 def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dict:
     from .tasks import translation
 
@@ -239,9 +252,10 @@ def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dic
     metrics = {k: v for k, v in result.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     print(f"EN->FR on {size.translation_eval} held-out verses: chrF {metrics.get('eval_chrf_before', 0):.1f} -> "
           f"{metrics.get('eval_chrf', 0):.1f}, BLEU {metrics.get('eval_bleu_before', 0):.2f} -> "
-          f"{metrics.get('eval_bleu', 0):.2f}")
+          f"{metrics.get('eval_bleu', 0):.2f} ({result.get('generation')})")
     for example in result.get("examples", []):
-        print(f"  {example['source']}\n    reference: {example['reference']}\n    model:     {example['prediction']}")
+        print(f"  {_verse_name(example.get('id'))}: {example['source']}\n    reference: {example['reference']}\n"
+              f"    model:     {example['prediction']}")
     model_dir = out
     if lora:  # the Hub stage shares a full model: merge the adapter into the base weights
         merged = result["model"].merge_and_unload()
@@ -273,7 +287,9 @@ def stage_qa(folder: Path, size: Size, state: State) -> dict:
           f"{metrics.get('eval_f1', 0):.1f}")
     for example in result.get("examples", []):
         gold = example.get("gold") or ["(no answer)"]
-        print(f"  Q: {example.get('question')}\n    gold:  {' | '.join(gold)}\n    model: {example.get('prediction')!r}")
+        verdict = "right" if example.get("correct") else "wrong"
+        print(f"  Q: {example.get('question')}\n    model: {example.get('prediction')!r} ({verdict}; "
+              f"gold: {' | '.join(gold)})")
     return {"metrics": metrics, "examples": result.get("examples", [])}
 
 
