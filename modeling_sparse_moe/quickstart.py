@@ -63,6 +63,14 @@ class Size:
     batch: int = 16
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # translation / QA settings (the Trainer flags of stage_translation / stage_qa; None: the shared `lr`)
+    translation_lr: float | None = None
+    qa_lr: float | None = None
+    qa_max_seq_length: int = 256
+    # how the translation is decoded for its scores and examples (tasks.generation flags)
+    num_beams: int = 1
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
 
 
 # NOTE: the MoE shape of "small" and "demo" is the one the MoE-vs-dense studies (docs/training.md, docs/tasks.md)
@@ -141,9 +149,9 @@ def _say(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def _common_trainer_flags(out: Path, size: Size, steps: int) -> list[str]:
+def _common_trainer_flags(out: Path, size: Size, steps: int, lr: float | None = None) -> list[str]:
     return [
-        "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(size.lr),
+        "--output_dir", str(out), "--max_steps", str(steps), "--learning_rate", str(lr or size.lr),
         "--lr_scheduler_type", "cosine", "--warmup_steps", str(max(1, steps // 20)),
         "--logging_steps", str(max(1, steps // 20)), "--save_strategy", "no", "--report_to", "none",
         "--seed", "0", "--disable_tqdm", "false",
@@ -221,6 +229,19 @@ def stage_pretrain(folder: Path, size: Size, state: State) -> dict:
     }
 
 
+def _verse_name(verse_id: str | None) -> str:
+    """'43:3:16' -> 'John 3:16' (book numbers as in the Protestant canon, which the Bible database uses)."""
+    if not verse_id or verse_id.count(":") != 2:
+        return str(verse_id)
+    book, chapter, verse = verse_id.split(":")
+    try:
+        import pythonbible
+
+        return f"{pythonbible.Book(int(book)).title} {chapter}:{verse}"
+    except (ImportError, ValueError):
+        return verse_id
+
+
 def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dict:
     from .tasks import translation
 
@@ -231,7 +252,9 @@ def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dic
         "--max_train_samples", str(size.translation_train), "--max_eval_samples", str(size.translation_eval),
         "--per_device_train_batch_size", str(size.batch), "--per_device_eval_batch_size", str(size.batch),
         "--max_target_length", "64", "--max_source_length", "64", "--num_examples", "3", "--overwrite_output_dir",
-        *_common_trainer_flags(out, size, size.translation_steps),
+        "--generation_num_beams", str(size.num_beams), "--no_repeat_ngram_size", str(size.no_repeat_ngram_size),
+        "--repetition_penalty", str(size.repetition_penalty),
+        *_common_trainer_flags(out, size, size.translation_steps, size.translation_lr),
     ]
     if lora:
         argv += ["--lora_r", "16"]
@@ -239,9 +262,10 @@ def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dic
     metrics = {k: v for k, v in result.items() if k.startswith("eval_") and isinstance(v, (int, float))}
     print(f"EN->FR on {size.translation_eval} held-out verses: chrF {metrics.get('eval_chrf_before', 0):.1f} -> "
           f"{metrics.get('eval_chrf', 0):.1f}, BLEU {metrics.get('eval_bleu_before', 0):.2f} -> "
-          f"{metrics.get('eval_bleu', 0):.2f}")
+          f"{metrics.get('eval_bleu', 0):.2f} ({result.get('generation')})")
     for example in result.get("examples", []):
-        print(f"  {example['source']}\n    reference: {example['reference']}\n    model:     {example['prediction']}")
+        print(f"  {_verse_name(example.get('id'))}: {example['source']}\n    reference: {example['reference']}\n"
+              f"    model:     {example['prediction']}")
     model_dir = out
     if lora:  # the Hub stage shares a full model: merge the adapter into the base weights
         merged = result["model"].merge_and_unload()
@@ -249,7 +273,7 @@ def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dic
         merged.save_pretrained(model_dir)
         result["tokenizer"].save_pretrained(model_dir)
     return {"metrics": metrics, "examples": result.get("examples", []), "model_dir": str(model_dir),
-            "lora": lora, "parameters": result.get("parameters")}
+            "lora": lora, "parameters": result.get("parameters"), "generation": result.get("generation")}
 
 
 def stage_qa(folder: Path, size: Size, state: State) -> dict:
@@ -259,8 +283,8 @@ def stage_qa(folder: Path, size: Size, state: State) -> dict:
     argv = [
         "--model_name_or_path", state.result("pretrain")["model_dir"], "--do_train", "--do_eval",
         "--per_device_train_batch_size", str(size.batch), "--per_device_eval_batch_size", str(size.batch),
-        "--num_examples", "3", "--overwrite_output_dir",
-        *_common_trainer_flags(out, size, size.qa_steps),
+        "--num_examples", "3", "--overwrite_output_dir", "--max_seq_length", str(size.qa_max_seq_length),
+        *_common_trainer_flags(out, size, size.qa_steps, size.qa_lr),
     ]
     if size.qa_train is not None:
         argv += ["--max_train_samples", str(size.qa_train)]
@@ -273,7 +297,9 @@ def stage_qa(folder: Path, size: Size, state: State) -> dict:
           f"{metrics.get('eval_f1', 0):.1f}")
     for example in result.get("examples", []):
         gold = example.get("gold") or ["(no answer)"]
-        print(f"  Q: {example.get('question')}\n    gold:  {' | '.join(gold)}\n    model: {example.get('prediction')!r}")
+        verdict = "right" if example.get("correct") else "wrong"
+        print(f"  Q: {example.get('question')}\n    model: {example.get('prediction')!r} ({verdict}; "
+              f"gold: {' | '.join(gold)})")
     return {"metrics": metrics, "examples": result.get("examples", [])}
 
 

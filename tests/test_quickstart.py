@@ -96,3 +96,45 @@ def test_smoke_run_tells_the_whole_story(tmp_path, capsys):
     # Run again: nothing is recomputed.
     assert main(["--smoke", "--output_dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("done in an earlier run, skipped") == len(STAGES)
+
+
+def test_task_stages_pass_their_settings_and_print_examples_that_read_well(tmp_path, monkeypatch, capsys):
+    """stage_translation / stage_qa hand the size's decoding and training settings to the recipes, and print each
+    example with its verse name, or its verdict and gold answer."""
+    from modeling_sparse_moe.tasks import qa, translation
+
+    size = quickstart.SIZES["small"]
+    state = quickstart.State(tmp_path, "small", restart=False)
+    state.finish("pretrain", {"model_dir": str(tmp_path / "pretrain")}, 1.0)
+    seen = {}
+
+    def fake_translation(argv):
+        seen["translation"] = argv
+        return {"eval_chrf": 31.0, "eval_chrf_before": 6.0, "generation": "beam search (4 beams)", "examples": [
+            {"id": "2:39:5", "source": "The gold", "reference": "L'or", "prediction": "L'or"}]}
+
+    def fake_qa(argv):
+        seen["qa"] = argv
+        return {"eval_f1": 71.0, "examples": [
+            {"question": "Capital of Chile?", "gold": ["Santiago"], "prediction": "Santiago", "correct": True},
+            {"question": "Currency of Peru?", "gold": ["Sol"], "prediction": "Lima", "correct": False}]}
+
+    monkeypatch.setattr(translation, "main", fake_translation)
+    monkeypatch.setattr(qa, "main", fake_qa)
+    quickstart.stage_translation(tmp_path, size, state, lora=False)
+    quickstart.stage_qa(tmp_path, size, state)
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    argv = seen["translation"]
+    assert int(flag(argv, "--generation_num_beams")) == size.num_beams
+    assert int(flag(argv, "--no_repeat_ngram_size")) == size.no_repeat_ngram_size
+    assert float(flag(argv, "--repetition_penalty")) == size.repetition_penalty
+    assert float(flag(argv, "--learning_rate")) == (size.translation_lr or size.lr)
+    assert int(flag(argv, "--max_steps")) == size.translation_steps
+    assert int(flag(seen["qa"], "--max_seq_length")) == size.qa_max_seq_length
+    assert float(flag(seen["qa"], "--learning_rate")) == (size.qa_lr or size.lr)
+    out = capsys.readouterr().out
+    assert "Exodus 39:5: The gold" in out and "(beam search (4 beams))" in out
+    assert "model: 'Santiago' (right; gold: Santiago)" in out and "model: 'Lima' (wrong; gold: Sol)" in out

@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from modeling_sparse_moe.data import train_tokenizer
 from modeling_sparse_moe.tasks import qa
-from modeling_sparse_moe.tasks.common import DataFileError, load_data_file
+from modeling_sparse_moe.tasks.common import DataFileError, load_data_file, pick_examples
 from modeling_sparse_moe.tasks.data import country_qa_dataset
 from modeling_sparse_moe.tasks.metrics import squad_scores
 
@@ -144,3 +144,76 @@ def test_smoke_finetune_beats_untuned_model(tmp_path, mode):
     assert saved["eval_f1"] == pytest.approx(result["eval_f1"])
     preds = json.loads((tmp_path / mode / "eval_predictions.json").read_text())
     assert len(preds) == 16
+
+
+def test_pick_examples_spreads_groups_and_alternates_right_and_wrong():
+    groups = [g for g in "abcdef" for _ in range(5)]  # 6 groups of 5 rows, in order
+    assert pick_examples(groups, 3) == [5, 15, 25]  # the middle group of each third, not the first rows
+    correct = [i % 3 == 0 for i in range(30)]
+    picked = pick_examples(groups, 3, correct)
+    assert [correct[i] for i in picked] == [True, False, True]
+    assert len({groups[i] for i in picked}) == 3
+    all_right = pick_examples(groups, 4, [True] * 30)  # no wrong answer to show: right ones, still one per group
+    assert len(all_right) == 4 and len({groups[i] for i in all_right}) == 4
+    assert pick_examples(["x", "x"], 3) == [0, 1]  # fewer rows than asked
+    assert pick_examples(list("aab"), 3, [False] * 3) == [0, 2, 1]  # a group is reused only when the others ran out
+    with pytest.raises(ValueError, match="2 correctness flags for 3 rows"):
+        pick_examples(list("abc"), 2, [True, False])
+
+
+def test_qa_examples_are_from_different_countries_and_labelled():
+    validation = country_qa_dataset()["validation"]
+    # A model that gets every capital right and everything else wrong.
+    predictions = {r["id"]: r["answers"]["text"][0] if r["id"].endswith("/capital") else "Atlantis"
+                   for r in validation}
+    examples = qa.pick_qa_examples(predictions, validation, 3)
+    assert [e["correct"] for e in examples] == [True, False, True]
+    assert len({e["title"] for e in examples}) == 3
+    assert validation[0]["title"] not in {e["title"] for e in examples}  # spread over the set
+    for e in examples:
+        assert e["correct"] == (e["prediction"] in e["gold"]) and e["gold"]
+    assert qa.is_correct("", []) and not qa.is_correct("Paris", []) and qa.is_correct("the Paris.", ["Paris"])
+
+
+@pytest.fixture(scope="module")
+def causal_lm_folder(tmp_path_factory):
+    """A saved tiny causal LM + a tokenizer trained on the country questions, as a pretraining stage leaves them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    folder = tmp_path_factory.mktemp("lm")
+    rows = country_qa_dataset()["train"].select(range(40))
+    tokenizer = train_tokenizer(list(rows["question"]) + list(rows["context"]), vocab_size=400)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_generative_qa_generation_flags_reach_generate(tmp_path, causal_lm_folder, monkeypatch):
+    from test_tasks_translation import spy_generate
+
+    path = _squad_file(tmp_path / "qa.json", list(country_qa_dataset()["validation"].select(range(5))))
+    calls = spy_generate(monkeypatch)
+    result = qa.main([
+        "--model_name_or_path", causal_lm_folder, "--generative", "--train_file", path, "--validation_file", path,
+        "--output_dir", str(tmp_path / "gen"), "--do_train", "--max_steps", "1", "--do_eval",
+        "--generation_num_beams", "2", "--generation_max_length", "6", "--no_repeat_ngram_size", "2",
+        "--repetition_penalty", "1.3", *COMMON,
+    ])
+    assert len(calls) == 2  # before and after training
+    for kwargs, _ in calls:
+        config = kwargs["generation_config"]
+        assert (config.num_beams, config.max_new_tokens, config.no_repeat_ngram_size, config.repetition_penalty) == (
+            2, 6, 2, 1.3)
+    assert result["generation"].startswith("beam search (2 beams), no_repeat_ngram_size=2")
+    saved = json.loads((tmp_path / "gen" / "generation_config.json").read_text())
+    assert (saved["num_beams"], saved["max_new_tokens"]) == (2, 6)
+    # --num_beams (the recipe's own flag) wins over --generation_num_beams; the default length is max_answer_tokens
+    qa.main(["--model_name_or_path", causal_lm_folder, "--generative", "--validation_file", path, "--output_dir",
+             str(tmp_path / "beams"), "--do_eval", "--generation_num_beams", "3", "--num_beams", "1",
+             "--max_answer_tokens", "4", *COMMON])
+    config = calls[-1][0]["generation_config"]
+    assert (config.num_beams, config.max_new_tokens) == (1, 4)

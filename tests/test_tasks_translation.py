@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -113,3 +114,93 @@ def test_missing_column_names_the_file(tmp_path):
     with pytest.raises(DataFileError, match=r"bad\.jsonl: missing column\(s\) \['translation'\]"):
         translation.main(["--config_name", "configs/tiny", "--train_file", train, "--output_dir",
                           str(tmp_path / "o"), "--do_train", *COMMON])
+
+
+def spy_generate(monkeypatch) -> list[tuple[dict, torch.Tensor]]:
+    """Record the keyword arguments and output of every `SparseMoEForCausalLM.generate` call (which still runs)."""
+    from modeling_sparse_moe.modeling_sparse_moe import SparseMoEForCausalLM
+
+    calls, original = [], SparseMoEForCausalLM.generate
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append((kwargs, out[:, kwargs["input_ids"].shape[1]:]))
+        return out
+
+    monkeypatch.setattr(SparseMoEForCausalLM, "generate", spy)
+    return calls
+
+
+def _repeats(new_tokens: torch.Tensor, eos: int) -> int:
+    """How many rows of generated tokens repeat a token before their first EOS."""
+    rows = [row[: row.index(eos)] if eos in row else row for row in new_tokens.tolist()]
+    return sum(len(set(row)) < len(row) for row in rows)
+
+
+FLAGS = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--per_device_train_batch_size", "4"]
+
+
+def test_generation_flags_reach_generate_and_the_saved_model(tmp_path, pretrained_folder, monkeypatch):
+    rows = [{"translation": r} for r in country_name_pairs("en", "fr")["translation"][:6]]
+    data = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    run = ["--model_name_or_path", pretrained_folder, "--train_file", data, "--validation_file", data,
+           "--do_eval", "--predict_with_generate", *FLAGS]
+    calls = spy_generate(monkeypatch)
+    greedy = translation.main([*run, "--output_dir", str(tmp_path / "greedy"), "--generation_max_length", "12"])
+    assert greedy["generation"] == "greedy, max_new_tokens=12"
+    assert _repeats(calls[-1][1], 2) > 0  # the untrained model loops: the control for the check below
+
+    calls.clear()
+    result = translation.main([
+        *run, "--output_dir", str(tmp_path / "set"), "--do_train", "--max_steps", "1", "--generation_num_beams", "3",
+        "--generation_max_length", "12", "--no_repeat_ngram_size", "1", "--repetition_penalty", "1.5",
+    ])
+    assert len(calls) == 2  # before and after training, 6 prompts in one batch each
+    for kwargs, new_tokens in calls:
+        config = kwargs["generation_config"]
+        assert (config.num_beams, config.max_new_tokens, config.no_repeat_ngram_size, config.repetition_penalty) == (
+            3, 12, 1, 1.5)
+        assert _repeats(new_tokens, 2) == 0  # no 1-gram occurs twice: the setting took effect
+    assert result["generation"] == "beam search (3 beams), no_repeat_ngram_size=1, repetition_penalty=1.5, " \
+                                   "max_new_tokens=12"
+    saved = json.loads((tmp_path / "set" / "generation_config.json").read_text())
+    assert (saved["num_beams"], saved["no_repeat_ngram_size"], saved["repetition_penalty"]) == (3, 1, 1.5)
+
+
+def test_recipe_flags_beat_the_generation_config_file(tmp_path, pretrained_folder, monkeypatch):
+    """run_translation's precedence: --num_beams / --val_max_target_length over --generation_num_beams /
+    --generation_max_length; flags over the --generation_config file; the file over the model's config."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(num_beams=4, no_repeat_ngram_size=2, repetition_penalty=1.2, max_new_tokens=9).save_pretrained(
+        tmp_path / "gen")
+    data = _write_jsonl(tmp_path / "pairs.jsonl", [{"translation": r} for r in country_name_pairs()["translation"][:3]])
+    run = ["--model_name_or_path", pretrained_folder, "--validation_file", data, "--do_eval", "--predict_with_generate",
+           *FLAGS]
+    calls = spy_generate(monkeypatch)
+    translation.main([*run, "--output_dir", str(tmp_path / "a"), "--generation_config",
+                      str(tmp_path / "gen" / "generation_config.json"), "--generation_num_beams", "3", "--num_beams",
+                      "2", "--repetition_penalty", "1.1"])
+    config = calls[-1][0]["generation_config"]
+    assert (config.num_beams, config.no_repeat_ngram_size, config.repetition_penalty, config.max_new_tokens) == (
+        2, 2, 1.1, 9)
+    translation.main([*run, "--output_dir", str(tmp_path / "b"), "--generation_config", str(tmp_path / "gen"),
+                      "--generation_max_length", "7", "--val_max_target_length", "5"])
+    config = calls[-1][0]["generation_config"]
+    assert (config.num_beams, config.max_new_tokens) == (4, 5)
+    with pytest.raises(ValueError, match=r"--generation_config .*missing\.json: no such file"):
+        translation.main([*run, "--output_dir", str(tmp_path / "c"), "--generation_config",
+                          str(tmp_path / "missing.json")])
+
+
+def test_examples_come_from_different_chapters_across_the_set():
+    validation = bible_translation_dataset("en", "fr")["validation"].select(range(100))
+    picked = translation.pick_translation_examples(validation, 3)
+    chapters = [validation[i]["id"].rsplit(":", 1)[0] for i in picked]
+    assert len(set(chapters)) == 3
+    first_chapter = validation[0]["id"].rsplit(":", 1)[0]
+    assert first_chapter not in chapters  # not the first rows: spread over the set
+    assert picked == sorted(picked) and picked[-1] >= 50
+    # Rows without a verse id: one per stretch of the set.
+    no_ids = Dataset.from_list([{"translation": {"en": str(i), "fr": str(i)}} for i in range(9)])
+    assert translation.pick_translation_examples(no_ids, 3) == [1, 4, 7]

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import datasets
@@ -272,6 +273,34 @@ def load_model(auto_class, model_args, config):
 
 def limit(ds, n: int | None):
     return ds if n is None else ds.select(range(min(n, len(ds))))
+
+
+def pick_examples(groups: Sequence[Hashable], n: int, correct: Sequence[bool] | None = None) -> list[int]:
+    """Indices of up to `n` rows to show as examples, each from a different group (a Bible chapter, a country), the
+    groups spread evenly over the set instead of the first few. With `correct` (one bool per row), right and wrong
+    answers alternate, right first, as far as the rows allow. Groups are reused only when there are fewer than `n`.
+    Deterministic: the same rows give the same picks."""
+    if correct is not None and len(correct) != len(groups):
+        raise ValueError(f"{len(correct)} correctness flags for {len(groups)} rows")
+    rows_of: dict[Hashable, list[int]] = {}
+    for i, group in enumerate(groups):
+        rows_of.setdefault(group, []).append(i)
+    order = list(rows_of)
+    n = min(n, len(groups))
+    # Visit evenly spaced groups first (the middle of each of n equal stretches), then the rest in order.
+    spaced = list(dict.fromkeys(int((k + 0.5) * len(order) / n) for k in range(n))) if n else []
+    visit = [order[k] for k in spaced] + [g for k, g in enumerate(order) if k not in set(spaced)]
+    picked: list[int] = []
+    used: set = set()
+    for k in range(n):
+        wanted = None if correct is None else k % 2 == 0
+        fresh = [g for g in visit if g not in used] or visit  # every group used: allow a second row from one
+        candidates = [i for g in fresh for i in rows_of[g] if i not in picked]
+        matching = [i for i in candidates if wanted is None or bool(correct[i]) == wanted]
+        choice = (matching or candidates)[0]
+        picked.append(choice)
+        used.add(groups[choice])
+    return picked
 
 
 def write_json(path: str | Path, obj) -> str:

@@ -1,5 +1,6 @@
 """Prompt -> completion with a decoder-only model: encoding with loss on the completion only, a padding collator,
-and batched left-padded `generate()`. Used by translation and generative QA.
+the decoding settings a user chooses (`GenerationArguments`, `generation_config_from_args`), and batched
+left-padded `generate()`. Used by translation and generative QA.
 
 A training example is `[bos] prompt completion [eos]` with labels -100 on `[bos] prompt`; at inference the model
 sees `[bos] prompt` left-padded in a batch and generates until EOS.
@@ -7,8 +8,84 @@ sees `[bos] prompt` left-padded in a batch and generates until EOS.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+
+@dataclass
+class GenerationArguments:
+    """Decoding flags beyond `Seq2SeqTrainingArguments`' `--generation_num_beams`, `--generation_max_length` and
+    `--generation_config`; named as the `GenerationConfig` fields they set. None: the model's (or the file's) value."""
+
+    no_repeat_ngram_size: int | None = field(
+        default=None, metadata={"help": "Generation: no n-gram of this size occurs twice in an output (0 = off)."}
+    )
+    repetition_penalty: float | None = field(
+        default=None, metadata={"help": "Generation: divide the logits of tokens already in the text by this (1.0 = off)."}
+    )
+
+
+def generation_config_from_args(
+    model,
+    training_args,
+    gen_args: GenerationArguments,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
+    default_max_new_tokens: int = 64,
+) -> GenerationConfig:
+    """The `GenerationConfig` a recipe decodes with. Precedence, highest first: the recipe's own flag (`num_beams`,
+    `max_new_tokens`: e.g. run_translation's `--num_beams`, `--val_max_target_length`), then
+    `--generation_num_beams` / `--generation_max_length` / `--no_repeat_ngram_size` / `--repetition_penalty`, then
+    the `--generation_config` file or folder, then the model's own `generation_config`; `default_max_new_tokens` when
+    none of them sets a length. For a decoder-only model the maximum length counts new tokens (the prompt is not
+    part of the output). A bad setting is a `ValueError`."""
+    source = getattr(training_args, "generation_config", None)
+    if source is None:
+        base = getattr(model, "generation_config", None)
+        config = copy.deepcopy(base) if base is not None else GenerationConfig()
+    elif isinstance(source, GenerationConfig):
+        config = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ValueError(f"--generation_config {source}: no such file or folder; give a generation_config.json "
+                             "file or a folder holding one")
+        folder, name = (path.parent, path.name) if path.is_file() else (path, None)
+        config = GenerationConfig.from_pretrained(folder, name)
+    beams = num_beams or getattr(training_args, "generation_num_beams", None)
+    new_tokens = max_new_tokens or getattr(training_args, "generation_max_length", None)
+    if beams is not None:
+        config.num_beams = beams
+    if new_tokens is not None:
+        config.max_new_tokens = new_tokens
+    if gen_args.no_repeat_ngram_size is not None:
+        config.no_repeat_ngram_size = gen_args.no_repeat_ngram_size
+    if gen_args.repetition_penalty is not None:
+        config.repetition_penalty = gen_args.repetition_penalty
+    if config.max_new_tokens is None:
+        config.max_new_tokens = default_max_new_tokens
+    try:
+        config.validate(strict=True)
+    except ValueError as err:
+        raise ValueError(f"generation settings: {err}") from None
+    return config
+
+
+def describe_generation(config: GenerationConfig) -> str:
+    """One line naming the decoding: 'greedy' or 'beam search (4 beams)', plus the repetition controls set."""
+    words = ["sampling" if config.do_sample else "greedy" if (config.num_beams or 1) == 1 else
+             f"beam search ({config.num_beams} beams)"]
+    if config.no_repeat_ngram_size:
+        words.append(f"no_repeat_ngram_size={config.no_repeat_ngram_size}")
+    if config.repetition_penalty not in (None, 1.0):
+        words.append(f"repetition_penalty={config.repetition_penalty:g}")
+    words.append(f"max_new_tokens={config.max_new_tokens}")
+    return ", ".join(words)
 
 
 def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
@@ -55,17 +132,19 @@ def generate_completions(
     tokenizer,
     prompts: list[str],
     max_prompt_length: int = 256,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
+    generation_config: GenerationConfig | None = None,
     batch_size: int = 16,
     desc: str = "generate",
 ) -> list[str]:
-    """Greedy (num_beams=1) or beam-search completions of `prompts`, in batches left-padded so every row ends at
-    the same position. Returns the decoded new tokens, stopping at EOS."""
+    """Completions of `prompts` decoded with `generation_config` (None: greedy, up to 64 new tokens), in batches
+    left-padded so every row ends at the same position. Returns the decoded new tokens, stopping at EOS."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig(
+        max_new_tokens=64, do_sample=False
+    )
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = []
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, pad_id
     # Longest prompts first: batches pad less. Results are put back in input order.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: dict[int, str] = {}
@@ -78,15 +157,10 @@ def generate_completions(
         generated = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
+            generation_config=config,
         )
         for i, row in zip(index, generated[:, width:].tolist()):
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             results[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    outputs = [results[i] for i in range(len(prompts))]
-    return outputs
+    return [results[i] for i in range(len(prompts))]

@@ -6,6 +6,10 @@ Data: SQuAD JSON (a top-level `data` list, or JSON lines) of {id, context, quest
 unanswerable questions (empty answers) with `--version_2_with_negative`; a Hub dataset (`--dataset_name squad`); or by
 default the offline country-facts set whose validation/test countries never appear in training.
 
+Generative decoding follows `--num_beams` / `--generation_num_beams`, `--generation_max_length`,
+`--no_repeat_ngram_size`, `--repetition_penalty` and `--generation_config` (`Seq2SeqTrainingArguments`, as in
+run_seq2seq_qa). The example answers come from different countries (titles), right and wrong ones, labelled.
+
 NOTE: the model is causal, so the question comes first: context tokens then attend to it (a bidirectional encoder
 would not care about the order). Position 0 is the "no answer" slot, as run_qa uses the CLS position.
 
@@ -22,13 +26,27 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, Trainer, TrainingArguments, default_data_collator
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    default_data_collator,
+)
 
 from ..training import RouterBiasUpdateCallback
 from . import common
 from .data import country_qa_dataset
-from .generation import CompletionCollator, encode_pair, generate_completions
+from .generation import (
+    CompletionCollator,
+    GenerationArguments,
+    describe_generation,
+    encode_pair,
+    generate_completions,
+    generation_config_from_args,
+)
 from .metrics import squad_scores
+from .squad_metric.squad_metric import exact_match
 from .peft_utils import apply_lora
 
 logger = logging.getLogger(__name__)
@@ -37,8 +55,8 @@ QUESTION_SEPARATOR = "\n"  # appended to every question so the context starts on
 
 
 @dataclass
-class QADataArguments:
-    """run_qa's data flags, plus generative QA."""
+class QADataArguments(GenerationArguments):
+    """run_qa's data flags, plus generative QA and its repetition controls (`GenerationArguments`)."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (online only), e.g. squad."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset config."})
@@ -58,10 +76,17 @@ class QADataArguments:
     max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test examples."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for datasets.map."})
     generative: bool = field(default=False, metadata={"help": "Generate the answer with the causal LM."})
-    max_answer_tokens: int = field(default=24, metadata={"help": "Generative: answer tokens kept / generated."})
+    max_answer_tokens: int = field(
+        default=24, metadata={"help": "Generative: answer tokens kept for training; generated unless "
+                              "--generation_max_length says otherwise."}
+    )
     generation_batch_size: int = field(default=16, metadata={"help": "Generative: rows per generate() call."})
-    num_beams: int = field(default=1, metadata={"help": "Generative: beams."})
-    num_examples: int = field(default=3, metadata={"help": "Example answers returned and logged."})
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Generative: beams (overrides --generation_num_beams; default greedy)."}
+    )
+    num_examples: int = field(
+        default=3, metadata={"help": "Example answers returned and logged: right and wrong, different countries."}
+    )
 
 
 def validate_squad_split(ds, where: str) -> None:
@@ -196,10 +221,23 @@ def _score(predictions: dict[str, str], examples) -> dict:
     return squad_scores(predictions, list(examples))
 
 
-def _examples(predictions, examples, n):
+def is_correct(prediction: str, gold: list[str]) -> bool:
+    """SQuAD exact match against any gold answer; with no gold (unanswerable), right only when nothing is predicted."""
+    if not gold:
+        return not prediction.strip()
+    return any(exact_match(prediction, answer) for answer in gold)
+
+
+def pick_qa_examples(predictions: dict[str, str], examples, n: int) -> list[dict]:
+    """`n` example answers from different titles (countries; the context when there is no title), right and wrong
+    alternating, each labelled `correct` (exact match) with its gold answers."""
+    rows = list(examples)
+    correct = [is_correct(predictions[row["id"]], list(row["answers"]["text"])) for row in rows]
+    groups = [row.get("title") or row["context"] for row in rows]
     return [
-        {"question": ex["question"], "gold": list(ex["answers"]["text"]), "prediction": predictions[ex["id"]]}
-        for ex in list(examples)[:n]
+        {"id": rows[i]["id"], "title": rows[i].get("title"), "question": rows[i]["question"],
+         "gold": list(rows[i]["answers"]["text"]), "prediction": predictions[rows[i]["id"]], "correct": correct[i]}
+        for i in common.pick_examples(groups, n, correct)
     ]
 
 
@@ -207,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the recipe; returns EM/F1 before and after training (on the validation split), example answers, output
     paths and the trained `model` / `tokenizer`. `argv` as on the command line (None: sys.argv)."""
     model_args, data_args, lora_args, training_args, last_checkpoint = common.start_recipe(
-        QADataArguments, TrainingArguments, argv
+        QADataArguments, Seq2SeqTrainingArguments, argv
     )
 
     raw = common.load_raw_datasets(
@@ -313,6 +351,12 @@ def _generative(model, tokenizer, raw, data_args, training_args, last_checkpoint
         ]
         return {k: [r[k] for r in rows] for k in ("input_ids", "attention_mask", "labels")}
 
+    generation_config = generation_config_from_args(
+        model, training_args, data_args, data_args.num_beams, default_max_new_tokens=data_args.max_answer_tokens
+    )
+    logger.info("decoding: %s", describe_generation(generation_config))
+    # Saved with the model: generate() on the fine-tuned folder decodes as it was scored.
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).generation_config = generation_config
     train = None
     if training_args.do_train:
         with training_args.main_process_first(desc="tokenize"):
@@ -327,14 +371,15 @@ def _generative(model, tokenizer, raw, data_args, training_args, last_checkpoint
         ds = raw[split]
         answers = generate_completions(
             model, tokenizer, [generative_prompt(c, q) for c, q in zip(ds["context"], ds["question"])],
-            data_args.max_seq_length, data_args.max_answer_tokens, data_args.num_beams,
-            data_args.generation_batch_size, desc,
+            data_args.max_seq_length, generation_config, data_args.generation_batch_size, desc,
         )
         preds = dict(zip(ds["id"], answers))
         return preds, _score(preds, ds)
 
-    return _evaluate_train_predict(trainer, predict, raw, data_args, training_args, last_checkpoint,
-                                   len(train) if train is not None else 0)
+    result = _evaluate_train_predict(trainer, predict, raw, data_args, training_args, last_checkpoint,
+                                     len(train) if train is not None else 0)
+    result["generation"] = describe_generation(generation_config)
+    return result
 
 
 def _evaluate_train_predict(trainer, predict, raw, data_args, training_args, last_checkpoint, num_train) -> dict:
@@ -354,7 +399,7 @@ def _evaluate_train_predict(trainer, predict, raw, data_args, training_args, las
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         result.update(metrics)
-        result["examples"] = _examples(preds, raw["validation"], data_args.num_examples)
+        result["examples"] = pick_qa_examples(preds, raw["validation"], data_args.num_examples)
         result["eval_predictions_file"] = _save_predictions(trainer, training_args, "eval", preds)
     if training_args.do_predict:
         preds, scores = predict("test", "predict")

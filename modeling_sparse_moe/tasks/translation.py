@@ -5,7 +5,10 @@ dataset (`--dataset_name wmt16 --dataset_config_name ro-en`), or by default the 
 (`tasks.data.bible_translation_dataset`). Prompt: `[bos] {source_prefix}{source}{separator}` and the target + EOS,
 with the loss on target tokens only. Full fine-tuning, or LoRA with `--lora_r` (attention, router and 3D experts).
 BLEU and chrF (sacrebleu) from batched left-padded `generate()` before and after training, with
-`--predict_with_generate` as in run_translation.
+`--predict_with_generate` as in run_translation; decoding from `--num_beams` / `--generation_num_beams`,
+`--val_max_target_length` / `--generation_max_length`, `--no_repeat_ngram_size`, `--repetition_penalty` and
+`--generation_config` (saved with the fine-tuned model, so `generate()` on it decodes as it was scored). The
+example translations come from different chapters of the evaluation set.
 
     from modeling_sparse_moe.tasks import translation
     result = translation.main(["--config_name", "configs/tiny", "--output_dir", "out/mt", "--do_train", "--do_eval",
@@ -25,7 +28,14 @@ from transformers import AutoModelForCausalLM, Seq2SeqTrainingArguments, Trainer
 from ..training import RouterBiasUpdateCallback
 from . import common
 from .data import bible_translation_dataset, country_name_pairs, texts_of
-from .generation import CompletionCollator, encode_pair, generate_completions
+from .generation import (
+    CompletionCollator,
+    GenerationArguments,
+    describe_generation,
+    encode_pair,
+    generate_completions,
+    generation_config_from_args,
+)
 from .metrics import bleu_chrf
 from .peft_utils import adapter_report, apply_lora
 
@@ -33,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TranslationDataArguments:
-    """run_translation's data flags, plus the offline corpus and the prompt separator."""
+class TranslationDataArguments(GenerationArguments):
+    """run_translation's data flags, plus the offline corpus, the prompt separator and the repetition controls of
+    generation (`GenerationArguments`)."""
 
     source_lang: str = field(default="en", metadata={"help": "Source language code, a key of `translation`."})
     target_lang: str = field(default="fr", metadata={"help": "Target language code, a key of `translation`."})
@@ -99,13 +110,24 @@ def prompts_and_references(ds, data_args) -> tuple[list[str], list[str], list[st
     )
 
 
-def translate_and_score(model, tokenizer, ds, data_args, num_beams: int, max_new_tokens: int, desc: str) -> tuple[dict, list[str]]:
+def translate_and_score(model, tokenizer, ds, data_args, generation_config, desc: str) -> tuple[dict, list[str]]:
     prompts, references, _ = prompts_and_references(ds, data_args)
     hypotheses = generate_completions(
-        model, tokenizer, prompts, data_args.max_source_length, max_new_tokens, num_beams,
-        data_args.generation_batch_size, desc,
+        model, tokenizer, prompts, data_args.max_source_length, generation_config, data_args.generation_batch_size,
+        desc,
     )
     return bleu_chrf(hypotheses, references), hypotheses
+
+
+def example_group(row: dict, index: int):
+    """What examples should differ in: the chapter of an `id` like '43:3:16' (book:chapter:verse), else the row."""
+    row_id = row.get("id")
+    return row_id.rsplit(":", 1)[0] if isinstance(row_id, str) and row_id.count(":") == 2 else index
+
+
+def pick_translation_examples(ds, n: int) -> list[int]:
+    """Rows of `ds` to show: `n` from different chapters spread over the set (`common.pick_examples`)."""
+    return common.pick_examples([example_group(row, i) for i, row in enumerate(ds)], n)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,13 +185,21 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[RouterBiasUpdateCallback()],
     )
 
-    num_beams = data_args.num_beams or training_args.generation_num_beams or 1
-    max_new = data_args.val_max_target_length or training_args.generation_max_length or data_args.max_target_length
+    generation_config = generation_config_from_args(
+        model, training_args, data_args, data_args.num_beams, data_args.val_max_target_length,
+        default_max_new_tokens=data_args.max_target_length,
+    )
     generate = training_args.predict_with_generate
-    result: dict = {"parameters": params, "output_dir": training_args.output_dir}
+    result: dict = {"parameters": params, "output_dir": training_args.output_dir,
+                    "generation": describe_generation(generation_config)}
+    if generate:
+        logger.info("decoding: %s", result["generation"])
+    # Saved with the model: generate() on the fine-tuned folder decodes as it was scored.
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrapped.generation_config = generation_config
 
     if training_args.do_eval and generate:
-        scores, _ = translate_and_score(model, tokenizer, raw["validation"], data_args, num_beams, max_new, "eval before")
+        scores, _ = translate_and_score(model, tokenizer, raw["validation"], data_args, generation_config, "eval before")
         result.update({f"eval_{k}_before": v for k, v in scores.items()})
         logger.info("before training: %s", scores)
 
@@ -189,13 +219,14 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = trainer.evaluate(metric_key_prefix="eval")
         metrics["eval_samples"] = len(tokenized["validation"])
         if generate:
-            scores, hyps = translate_and_score(model, tokenizer, raw["validation"], data_args, num_beams, max_new, "eval")
+            scores, hyps = translate_and_score(model, tokenizer, raw["validation"], data_args, generation_config, "eval")
             metrics.update({f"eval_{k}": v for k, v in scores.items()})
             metrics.update({k: v for k, v in result.items() if k.endswith("_before")})
-            prompts, refs, sources = prompts_and_references(raw["validation"], data_args)
+            _, refs, sources = prompts_and_references(raw["validation"], data_args)
+            ids = raw["validation"]["id"] if "id" in raw["validation"].column_names else [None] * len(refs)
             result["examples"] = [
-                {"source": s, "reference": r, "prediction": h}
-                for s, r, h in list(zip(sources, refs, hyps))[: data_args.num_examples]
+                {"id": ids[i], "source": sources[i], "reference": refs[i], "prediction": hyps[i]}
+                for i in pick_translation_examples(raw["validation"], data_args.num_examples)
             ]
             for ex in result["examples"]:
                 logger.info("example: %s", ex)
@@ -204,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(metrics)
 
     if training_args.do_predict:
-        scores, hyps = translate_and_score(model, tokenizer, raw["test"], data_args, num_beams, max_new, "predict")
+        scores, hyps = translate_and_score(model, tokenizer, raw["test"], data_args, generation_config, "predict")
         metrics = {f"predict_{k}": v for k, v in scores.items()}
         metrics["predict_samples"] = len(raw["test"])
         trainer.log_metrics("predict", metrics)
