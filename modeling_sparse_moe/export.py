@@ -433,7 +433,7 @@ def _write_gguf_metadata(writer, config: SparseMoEConfig, family: str, arch: str
     if arch == "qwen2moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if arch == "glm4moe":
-        writer.add_expert_shared_count(config.num_shared_experts)
+        writer.add_expert_shared_count(max(config.num_shared_experts, 1))  # an all-zero one when there is none
         writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         writer.add_expert_weights_scale(float(config.routed_scaling_factor))
@@ -506,6 +506,11 @@ def _gguf_tensors(config: SparseMoEConfig, family: str, source):
             for proj, theirs in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
                                  ("down_proj", "ffn_down_shexp")):
                 yield f"{blk}.{theirs}.weight", get(f"{mlp}.shared_experts.{proj}.weight")
+        elif arch == "glm4moe":  # glm4moe's graph always adds a shared expert: an all-zero one adds exactly 0
+            width, hidden = config.moe_intermediate_size, config.hidden_size
+            yield f"{blk}.ffn_gate_shexp.weight", torch.zeros(width, hidden)
+            yield f"{blk}.ffn_up_shexp.weight", torch.zeros(width, hidden)
+            yield f"{blk}.ffn_down_shexp.weight", torch.zeros(hidden, width)
         if config.shared_expert_gate:
             yield f"{blk}.ffn_gate_inp_shexp.weight", get(f"{mlp}.shared_expert_gate.weight").reshape(-1)
 

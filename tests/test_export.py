@@ -168,6 +168,23 @@ def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias(tokenizer, tmp_p
     assert field(reader, "glm4moe.expert_shared_count") == 2
 
 
+def test_sigmoid_routing_without_shared_experts_gets_an_all_zero_one(tokenizer, tmp_path):
+    """GLM-4-MoE always has shared experts: a sigmoid-routed model without any exports with one whose weights are
+    zero, which adds exactly 0 (folder and GGUF)."""
+    ours = make_model(seed=4, router_type="sigmoid", norm_topk_prob=False, routed_scaling_factor=1.5)
+    src = save(ours, tmp_path / "src", tokenizer)
+    result = export_for_serving(src, tmp_path / "out", gguf="f32")
+    assert result.family == "glm4_moe"
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert native.config.n_shared_experts == 1 and not native.model.layers[0].mlp.shared_experts.down_proj.weight.any()
+    ids = ids_for(tokenizer)
+    assert_fp32_close(logits(native, ids), logits(ours, ids))
+    reader = gguf.GGUFReader(result.gguf)
+    assert field(reader, "glm4moe.expert_shared_count") == 1
+    actual = llama_cpp_reference_logits(reader, ids[0].numpy())
+    np.testing.assert_allclose(actual, logits(ours, ids)[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ====================================================================================================== GGUF values
 def test_gguf_round_trip_f32_f16_q8_0(tokenizer, tmp_path):
     ours = make_model(qk_norm="head")
