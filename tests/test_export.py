@@ -225,7 +225,8 @@ def gguf_names(config, qk_norm=False):
 
 REFERENCE_CASES = {  # family -> settings: every architecture's graph features (groups, scaling, dense lead, ...)
     "mixtral": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen3_moe": dict(qk_norm="head", head_dim=16),
+    "qwen3_moe": dict(qk_norm="head", head_dim=16,
+                      rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4)),
     "qwen2_moe": FAMILY_CASES["qwen2_moe"],
     "olmoe": FAMILY_CASES["olmoe"],
     "glm4_moe": dict(FAMILY_CASES["glm4_moe"], num_experts=8, n_group=4, topk_group=2, num_shared_experts=2),
@@ -234,8 +235,8 @@ REFERENCE_CASES = {  # family -> settings: every architecture's graph features (
 
 @pytest.mark.parametrize("family", list(REFERENCE_CASES))
 def test_gguf_numpy_reference_forward_equals_our_logits(family, tokenizer, tmp_path):
-    """A numpy implementation of llama.cpp's graph for each architecture (RoPE style, qk-norms, router gating, bias,
-    groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file, gives our
+    """A numpy implementation of llama.cpp's graph for each architecture (RoPE style and linear scaling, qk-norms,
+    gating, bias, groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file, gives our
     logits: tensor names, layouts, the q/k permutation of `llama` and the metadata are what llama.cpp reads."""
     ours = make_model(seed=1, **REFERENCE_CASES[family])
     path = write_gguf(ours, tmp_path / "m.gguf", family, tokenizer, outtype="f32")
@@ -256,6 +257,7 @@ def llama_cpp_reference_logits(reader, ids):
 
     n_head, n_kv, head_dim = meta("attention.head_count"), meta("attention.head_count_kv"), meta("rope.dimension_count")
     eps, theta = meta("attention.layer_norm_rms_epsilon"), meta("rope.freq_base")
+    position_scale = 1 / meta("rope.scaling.factor") if meta("rope.scaling.type") == "linear" else 1.0
     top_k = meta("expert_used_count")
     groups, groups_used = meta("expert_group_count", 0), meta("expert_group_used_count")
     sigmoid_gate = meta("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
@@ -268,7 +270,8 @@ def llama_cpp_reference_logits(reader, ids):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
     def rope(x):  # (S, H, hd); `llama` rotates adjacent pairs (GGML_ROPE_TYPE_NORM), the others halves (NEOX)
-        angle = np.arange(x.shape[0])[:, None, None] * theta ** (-np.arange(0, head_dim, 2) / head_dim)
+        positions = np.arange(x.shape[0])[:, None, None] * position_scale
+        angle = positions * theta ** (-np.arange(0, head_dim, 2) / head_dim)
         first, second = (x[..., 0::2], x[..., 1::2]) if arch == "llama" else np.split(x, 2, axis=-1)
         rotated = (first * np.cos(angle) - second * np.sin(angle), first * np.sin(angle) + second * np.cos(angle))
         out = np.empty_like(x)
