@@ -236,8 +236,9 @@ REFERENCE_CASES = {  # family -> settings: every architecture's graph features (
 @pytest.mark.parametrize("family", list(REFERENCE_CASES))
 def test_gguf_numpy_reference_forward_equals_our_logits(family, tokenizer, tmp_path):
     """A numpy implementation of llama.cpp's graph for each architecture (RoPE style and linear scaling, qk-norms,
-    gating, bias, groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file, gives our
-    logits: tensor names, layouts, the q/k permutation of `llama` and the metadata are what llama.cpp reads."""
+    gating, bias, groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file,
+    gives our logits: tensor names, layouts, the q/k permutation of `llama` and the metadata are what llama.cpp
+    reads."""
     ours = make_model(seed=1, **REFERENCE_CASES[family])
     path = write_gguf(ours, tmp_path / "m.gguf", family, tokenizer, outtype="f32")
     ids = ids_for(tokenizer)
