@@ -463,10 +463,11 @@ def _glm4_moe_problems(config: SparseMoEConfig) -> list[str]:
         problems.append(f"router_type={config.router_type!r}: glm4_moe routes with a sigmoid")
     if config.num_experts // config.n_group < 2:
         problems.append(f"n_group={config.n_group}: glm4_moe scores a group by its top-2 experts, so groups need >= 2")
-    if config.num_shared_experts > 0 and config.shared_expert_intermediate_size != config.moe_intermediate_size * config.num_shared_experts:
+    glm_shared_width = config.moe_intermediate_size * config.num_shared_experts
+    if config.num_shared_experts > 0 and config.shared_expert_intermediate_size != glm_shared_width:
         problems.append(
             f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: glm4_moe's shared MLP is "
-            f"moe_intermediate_size * num_shared_experts = {config.moe_intermediate_size * config.num_shared_experts}"
+            f"moe_intermediate_size * num_shared_experts = {glm_shared_width}"
         )
     if config.shared_expert_gate:
         problems.append("shared_expert_gate=True: glm4_moe's shared experts are not gated")
