@@ -334,7 +334,7 @@ def hf_config_from_sparse(
             intermediate_size=config.intermediate_size,
             # NOTE: GLM-4-MoE always has shared experts; a model without any gets one whose weights are all zero: its
             # output is exactly 0, so the logits are the same (serving computes one expert more per token).
-            n_shared_experts=max(config.num_shared_experts, 1),
+            n_shared_experts=_glm4_moe_shared_count(config),
             first_k_dense_replace=min(config.first_k_dense_replace, n),
             n_group=config.n_group,
             topk_group=config.topk_group,
@@ -463,11 +463,10 @@ def _glm4_moe_problems(config: SparseMoEConfig) -> list[str]:
         problems.append(f"router_type={config.router_type!r}: glm4_moe routes with a sigmoid")
     if config.num_experts // config.n_group < 2:
         problems.append(f"n_group={config.n_group}: glm4_moe scores a group by its top-2 experts, so groups need >= 2")
-    glm_shared_width = config.moe_intermediate_size * config.num_shared_experts
-    if config.num_shared_experts > 0 and config.shared_expert_intermediate_size != glm_shared_width:
+    if config.num_shared_experts > 0 and config.shared_expert_intermediate_size % config.moe_intermediate_size:
         problems.append(
             f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: glm4_moe's shared MLP is "
-            f"moe_intermediate_size * num_shared_experts = {glm_shared_width}"
+            f"n_shared_experts * moe_intermediate_size ({config.moe_intermediate_size}) wide"
         )
     if config.shared_expert_gate:
         problems.append("shared_expert_gate=True: glm4_moe's shared experts are not gated")
@@ -485,6 +484,13 @@ def _glm4_moe_problems(config: SparseMoEConfig) -> list[str]:
     if config.sliding_window is not None:
         problems.append(f"sliding_window={config.sliding_window}: glm4_moe has full causal attention only")
     return problems
+
+
+def _glm4_moe_shared_count(config: SparseMoEConfig) -> int:
+    """GLM-4-MoE's `n_shared_experts`: our fused shared MLP's width in experts, or 1 (all zero) without any."""
+    if config.num_shared_experts == 0:
+        return 1
+    return config.shared_expert_intermediate_size // config.moe_intermediate_size
 
 
 def _glm4_moe_sparse_fields(hf_config: PreTrainedConfig, problems: list[str]) -> dict:

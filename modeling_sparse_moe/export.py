@@ -42,6 +42,7 @@ from .conversion import (
     _atomic_output_dir,
     _load_config,
     _SafetensorsFolder,
+    _glm4_moe_shared_count,
     _StateDictSource,
     convert_folder,
     family_problems,
@@ -433,7 +434,7 @@ def _write_gguf_metadata(writer, config: SparseMoEConfig, family: str, arch: str
     if arch == "qwen2moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if arch == "glm4moe":
-        writer.add_expert_shared_count(max(config.num_shared_experts, 1))  # an all-zero one when there is none
+        writer.add_expert_shared_count(_glm4_moe_shared_count(config))
         writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         writer.add_expert_weights_scale(float(config.routed_scaling_factor))

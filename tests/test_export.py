@@ -229,7 +229,8 @@ REFERENCE_CASES = {  # family -> settings: every architecture's graph features (
                       rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4)),
     "qwen2_moe": FAMILY_CASES["qwen2_moe"],
     "olmoe": FAMILY_CASES["olmoe"],
-    "glm4_moe": dict(FAMILY_CASES["glm4_moe"], num_experts=8, n_group=4, topk_group=2, num_shared_experts=2),
+    "glm4_moe": dict(FAMILY_CASES["glm4_moe"], num_experts=8, n_group=4, topk_group=2, num_shared_experts=2,
+                     shared_expert_intermediate_size=72),  # 3 experts wide: glm4_moe's n_shared_experts=3
 }
 
 
