@@ -391,7 +391,7 @@ def write_gguf(
             _add_gguf_tensor(writer, gguf_name, tensor, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+        writer.write_tensors_to_file(progress=True)
         writer.close()
         partial.rename(path)
     except BaseException:

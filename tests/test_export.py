@@ -473,6 +473,7 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("export.py: error: ") and "already exists" in err
     argv = [str(src), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--overwrite", "--gguf", "q8_0"]
+    assert export_cli.parse_args(argv[:2] + ["--gguf"]).gguf == "f16"  # --gguf alone: f16
     assert export_cli.main(argv) == 0
     assert "(mixtral) and" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
