@@ -514,3 +514,23 @@ def test_gguf_runs_in_llama_cpp_with_our_tokens_and_logits(family, tokenizer, tm
     small = llama_cpp.Llama(model_path=str(q4), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     small.eval(ids)
     assert np.isfinite(np.asarray(small.scores[: len(ids)])).all()
+
+
+# README's "Serve it" commands, as written (the lead's README registry can name this test)
+README_SERVE_COMMANDS = [
+    "python scripts/export.py out/quickstart/pretrain out/serve --gguf",
+    "python scripts/export.py out/quickstart/translation out/serve-mt --gguf q8_0",
+]
+
+
+def test_readme_serve_commands_work_as_written(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("pretrain", 5), ("translation", 6)):
+        save(make_model(seed=seed), Path("out/quickstart") / name, tokenizer)
+    for command in README_SERVE_COMMANDS:
+        argv = command.split()
+        assert argv[:2] == ["python", "scripts/export.py"]
+        assert export_cli.main(argv[2:]) == 0, command
+    assert sorted(p.name for p in Path("out/serve").glob("*.gguf")) == ["model-f16.gguf"]
+    assert sorted(p.name for p in Path("out/serve-mt").glob("*.gguf")) == ["model-q8_0.gguf"]
+    assert json.loads(Path("out/serve-mt/config.json").read_text())["model_type"] == "mixtral"
