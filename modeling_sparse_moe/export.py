@@ -23,6 +23,7 @@ use transformers' order (NeoX style) and take q/k as they are.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -555,7 +556,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "
     if llama_cpp is not None:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         if status != 0:
             raise ValueError(f"llama.cpp failed to quantize {src} to {qtype} (status {status}).")
         return dst

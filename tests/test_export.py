@@ -4,6 +4,7 @@ llama.cpp's `llama` graph, refusals that leave nothing behind."""
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -450,7 +451,7 @@ def test_unsupported_config_is_refused_with_the_nearest_settings(tokenizer, tmp_
     assert export_for_serving(src2, tmp_path / "out").family == "qwen3_moe"
 
 
-def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, capsys):
+def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, capsys, monkeypatch):
     src = save(make_model(), tmp_path / "src")  # no tokenizer
     with pytest.raises(ValueError, match=r"No tokenizer \(tokenizer.json\) in .*--tokenizer FOLDER"):
         export_for_serving(src, tmp_path / "out")
@@ -458,8 +459,12 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
     export_for_serving(src, tmp_path / "out", tokenizer=tmp_path / "tok")
     with pytest.raises(ValueError, match="already exists; .*--overwrite"):
         export_for_serving(src, tmp_path / "out", tokenizer=tmp_path / "tok")
-    with pytest.raises(ValueError, match="llama-quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M"):
-        export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q4_k_m")
+    with monkeypatch.context() as patch:  # no llama.cpp quantizer anywhere
+        patch.setitem(sys.modules, "llama_cpp", None)
+        patch.delenv("LLAMA_QUANTIZE", raising=False)
+        patch.setattr(shutil, "which", lambda name: None)
+        with pytest.raises(ValueError, match="llama-quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M"):
+            export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q4_k_m")
     with pytest.raises(ValueError, match="gguf must be one of"):
         export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q3")
     assert not (tmp_path / "q4").exists()
@@ -514,6 +519,23 @@ def test_gguf_runs_in_llama_cpp_with_our_tokens_and_logits(family, tokenizer, tm
     small = llama_cpp.Llama(model_path=str(q4), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     small.eval(ids)
     assert np.isfinite(np.asarray(small.scores[: len(ids)])).all()
+
+
+def test_k_quants_go_through_llama_quantize(tokenizer, tmp_path, monkeypatch):
+    """`--gguf Q4_K_M` writes the f16 file, then runs llama.cpp's quantizer on it (here a stand-in `llama-quantize`
+    that records its arguments and copies the file)."""
+    fake = tmp_path / "llama-quantize"
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\ncp "$1" "$2"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(fake))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the binary path, even where llama-cpp-python is installed
+    src = save(make_model(), tmp_path / "src", tokenizer)
+    result = export_for_serving(src, tmp_path / "out", gguf="q4_k_m")
+    assert result.gguf == tmp_path / "out" / "model-Q4_K_M.gguf" and result.gguf.is_file()
+    assert (tmp_path / "out" / "model-f16.gguf").is_file()
+    assert (tmp_path / "args").read_text().split()[-1] == "Q4_K_M"
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        quantize_gguf(result.gguf, tmp_path / "x.gguf", "Q3_K_S")
 
 
 # README's "Serve it" commands, as written (the lead's README registry can name this test)
