@@ -540,6 +540,9 @@ def _add_gguf_tensor(writer, name: str, tensor: torch.Tensor, outtype: str) -> N
     elif outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         qtype = gguf.GGMLQuantizationType.Q8_0
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    elif np.abs(data).max() > np.finfo(np.float16).max:  # a bf16/fp32 value f16 cannot hold: keep it exact
+        logger.warning(f"{name}: values beyond float16's range; written in float32.")
+        writer.add_tensor(name, data)
     else:
         writer.add_tensor(name, data.astype(np.float16))
 

@@ -214,6 +214,14 @@ def test_gguf_round_trip_f32_f16_q8_0(tokenizer, tmp_path):
         assert sorted(tensors) == sorted(gguf_names(ours.config, qk_norm=True))
     assert not list(tmp_path.glob(".*partial"))
 
+    with torch.no_grad():  # a weight float16 cannot hold stays float32 rather than becoming inf
+        ours.model.layers[0].self_attn.o_proj.weight[0, 0] = 1e5
+    path = write_gguf(ours, tmp_path / "big.gguf", "qwen3_moe", tokenizer)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert tensors["blk.0.attn_output.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_output.weight"].data[0, 0] == 1e5
+    assert tensors["blk.0.attn_v.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
 
 def gguf_names(config, qk_norm=False):
     names = ["token_embd.weight", "output_norm.weight", "output.weight"]
