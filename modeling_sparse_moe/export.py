@@ -80,20 +80,22 @@ def pick_family(config: SparseMoEConfig, source=None, *, gguf: bool = False) -> 
     """The first family of `FAMILY_PREFERENCE` that holds `config` exactly (with `gguf=True`: whose llama.cpp
     architecture runs it too). `source` (tensors) lets a non-zero router correction bias count. Raises a `ValueError`
     listing each family's reasons and the nearest one's changes when none does."""
-    reasons = {}
+    reasons, without_gguf = {}, []
     for family in FAMILY_PREFERENCE:
         problems = family_problems(config, family, source)
         if gguf and not problems:
+            without_gguf.append(family)
             problems = gguf_problems(config, family)
         if not problems:
             return family
         reasons[family] = problems
     nearest = min(reasons, key=lambda family: len(reasons[family]))
     lines = "\n".join(f"  - {family}: " + "; ".join(problems) for family, problems in reasons.items())
+    hint = f" Without a GGUF, {without_gguf[0]} holds it." if without_gguf else ""
     raise ValueError(
         f"No transformers family{' with a llama.cpp architecture' if gguf else ''} holds this model exactly:\n{lines}\n"
-        f"Nearest: {nearest}, after changing {'; '.join(reasons[nearest])}. Otherwise serve the SparseMoE folder "
-        "itself through vLLM's Transformers backend (--model-impl transformers --trust-remote-code)."
+        f"Nearest: {nearest}, after changing {'; '.join(reasons[nearest])}.{hint} Otherwise serve the SparseMoE "
+        "folder itself through vLLM's Transformers backend (--model-impl transformers --trust-remote-code)."
     )
 
 

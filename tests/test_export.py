@@ -453,8 +453,9 @@ def test_unsupported_config_is_refused_with_the_nearest_settings(tokenizer, tmp_
         export_for_serving(src, tmp_path / "out", family="qwen3_moe")
     # the family holds it, llama.cpp's graph does not: refused only when a GGUF is asked for
     src2 = save(make_model(qk_norm="head", norm_topk_prob=False), tmp_path / "src2", tokenizer)
-    with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always uses True"):
+    with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always uses True") as error:
         export_for_serving(src2, tmp_path / "out", gguf="f16")
+    assert "Without a GGUF, qwen3_moe holds it." in str(error.value)
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src", "src2"]
     assert export_for_serving(src2, tmp_path / "out").family == "qwen3_moe"
 
