@@ -123,6 +123,9 @@ def gguf_problems(config: SparseMoEConfig, family: str) -> list[str]:
         problems.append(f"head_dim={config.head_dim}: llama.cpp's {arch} needs head_dim * heads == hidden_size")
     if arch == "olmoe" and config.attention_bias:
         problems.append("attention_bias=True: llama.cpp's olmoe has no attention biases")
+    if arch == "olmoe" and config.num_key_value_heads != config.num_attention_heads:
+        problems.append(f"num_key_value_heads={config.num_key_value_heads}: llama.cpp's olmoe k-norm spans "
+                        "hidden_size, so it needs num_key_value_heads == num_attention_heads")
     return problems
 
 
@@ -489,6 +492,11 @@ def _gguf_tensors(config: SparseMoEConfig, family: str, source):
                     if arch == "llama" and n_head is not None:
                         tensor = _interleave_rope_rows(tensor, n_head)
                     yield f"{blk}.{theirs}.{kind}", tensor
+                elif arch == "qwen2moe" and kind == "bias" and ours != "o_proj":
+                    # NOTE: llama.cpp releases before its `create_tensor_qkv` refactor require qwen2moe's q/k/v biases;
+                    # zeros are exact.
+                    weight = source.get(f"{layer}.self_attn.{ours}.weight")
+                    yield f"{blk}.{theirs}.bias", torch.zeros(weight.shape[0])
         for ours, theirs in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
             if f"{layer}.self_attn.{ours}.weight" in source:
                 yield f"{blk}.{theirs}.weight", get(f"{layer}.self_attn.{ours}.weight")

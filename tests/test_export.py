@@ -42,7 +42,7 @@ FAMILY_CASES = {
     "qwen3_moe": dict(qk_norm="head", head_dim=16),
     "qwen2_moe": dict(num_shared_experts=1, shared_expert_gate=True, attention_bias=True, attention_out_bias=False,
                       norm_topk_prob=False),
-    "olmoe": dict(qk_norm="full", norm_topk_prob=False),
+    "olmoe": dict(qk_norm="full", norm_topk_prob=False, num_key_value_heads=4),
     "glm4_moe": dict(router_type="sigmoid", num_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
                      num_hidden_layers=3, qk_norm="head", attention_bias=True, attention_out_bias=False),
 }  # fmt: skip
@@ -451,6 +451,17 @@ def test_unsupported_config_is_refused_with_the_nearest_settings(tokenizer, tmp_
     assert "--model-impl transformers" in message
     with pytest.raises(ValueError, match="Cannot export this SparseMoE model as qwen3_moe"):
         export_for_serving(src, tmp_path / "out", family="qwen3_moe")
+    olmoe_gqa = make_model(qk_norm="full", norm_topk_prob=False)  # 2 kv heads for 4 query heads
+    with pytest.raises(ValueError, match="llama.cpp's olmoe k-norm spans hidden_size"):
+        write_gguf(olmoe_gqa, tmp_path / "x.gguf", "olmoe", tokenizer)
+    # qwen2moe without q/k/v bias: zero biases (older llama.cpp requires them), the same logits
+    qwen2 = make_model(num_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False)
+    reader = gguf.GGUFReader(write_gguf(qwen2, tmp_path / "q2.gguf", "qwen2_moe", tokenizer, outtype="f32"))
+    assert not {t.name: t for t in reader.tensors}["blk.0.attn_k.bias"].data.any()
+    ids = ids_for(tokenizer)
+    np.testing.assert_allclose(llama_cpp_reference_logits(reader, ids[0].numpy()), logits(qwen2, ids)[0].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    (tmp_path / "q2.gguf").unlink()
     # the family holds it, llama.cpp's graph does not: refused only when a GGUF is asked for
     src2 = save(make_model(qk_norm="head", norm_topk_prob=False), tmp_path / "src2", tokenizer)
     with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always uses True") as error:
