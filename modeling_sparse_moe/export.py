@@ -154,6 +154,8 @@ def export_for_serving(
     if not src.is_dir():
         raise ValueError(f"{src} is not a folder; expected a SparseMoE model folder or a LoRA adapter folder.")
     _check_output(dst, overwrite)
+    if family != "auto" and family not in MOE_FAMILIES:
+        raise ValueError(f"family must be 'auto' or one of {MOE_FAMILIES}, got {family!r}.")
     gguf_type = _check_gguf_type(gguf)
     if gguf_type in LLAMA_QUANTIZE_TYPES:
         _llama_quantizer(gguf_type)  # refuse now, not after writing the f16 file
@@ -175,8 +177,6 @@ def export_for_serving(
     with _tensors(model_folder, merged) as source:
         if family == "auto":
             family = pick_family(config, source, gguf=gguf_type is not None)
-        elif family not in MOE_FAMILIES:
-            raise ValueError(f"family must be 'auto' or one of {MOE_FAMILIES}, got {family!r}.")
         problems = family_problems(config, family, source) + (gguf_problems(config, family) if gguf_type else [])
         if problems:
             raise ValueError(f"Cannot export this SparseMoE model as {family}{' GGUF' if gguf_type else ''}:\n"

@@ -485,6 +485,8 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
         patch.setattr(shutil, "which", lambda name: None)
         with pytest.raises(ValueError, match="llama-quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M"):
             export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q4_k_m")
+    with pytest.raises(ValueError, match="family must be 'auto' or one of"):
+        export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", family="deepseek_v3")
     with pytest.raises(ValueError, match="gguf must be one of"):
         export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q3")
     assert not (tmp_path / "q4").exists()
