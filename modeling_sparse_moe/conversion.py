@@ -364,7 +364,9 @@ def hf_config_from_sparse(
             n_routed_experts=config.num_experts,
             moe_intermediate_size=config.moe_intermediate_size,
             intermediate_size=config.intermediate_size,
-            n_shared_experts=config.num_shared_experts,
+            # NOTE: GLM-4-MoE always has shared experts; a model without any gets one whose weights are all zero: its
+            # output is exactly 0, so the logits are the same (serving computes one expert more per token).
+            n_shared_experts=_glm4_moe_shared_count(config),
             first_k_dense_replace=min(config.first_k_dense_replace, n),
             n_group=config.n_group,
             topk_group=config.topk_group,
@@ -416,6 +418,9 @@ def hf_config_from_sparse(
         )
     hf_config = CONFIG_MAPPING[family](**fields)
     hf_config.dtype = config.dtype
+    if family == "glm4_moe" and config.num_shared_experts == 0:
+        logger.warning("to_hf('glm4_moe'): the model has no shared experts; glm4_moe always has one, so it gets an "
+                       "all-zero shared expert (same logits, one more expert computed per token when served).")
     if family == "glm4_moe":
         # NOTE: also saved at the top level of config.json, where engines (vLLM's Glm4Moe) and older transformers
         # look for it, with 0.5 as their default.
@@ -490,12 +495,10 @@ def _glm4_moe_problems(config: SparseMoEConfig) -> list[str]:
         problems.append(f"router_type={config.router_type!r}: glm4_moe routes with a sigmoid")
     if config.num_experts // config.n_group < 2:
         problems.append(f"n_group={config.n_group}: glm4_moe scores a group by its top-2 experts, so groups need >= 2")
-    if config.num_shared_experts == 0:
-        problems.append("num_shared_experts=0: glm4_moe always has shared experts")
-    elif config.shared_expert_intermediate_size != config.moe_intermediate_size * config.num_shared_experts:
+    if config.num_shared_experts > 0 and config.shared_expert_intermediate_size % config.moe_intermediate_size:
         problems.append(
             f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: glm4_moe's shared MLP is "
-            f"moe_intermediate_size * num_shared_experts = {config.moe_intermediate_size * config.num_shared_experts}"
+            f"n_shared_experts * moe_intermediate_size ({config.moe_intermediate_size}) wide"
         )
     if config.shared_expert_gate:
         problems.append("shared_expert_gate=True: glm4_moe's shared experts are not gated")
@@ -513,6 +516,13 @@ def _glm4_moe_problems(config: SparseMoEConfig) -> list[str]:
     if config.sliding_window is not None:
         problems.append(f"sliding_window={config.sliding_window}: glm4_moe has full causal attention only")
     return problems
+
+
+def _glm4_moe_shared_count(config: SparseMoEConfig) -> int:
+    """GLM-4-MoE's `n_shared_experts`: our fused shared MLP's width in experts, or 1 (all zero) without any."""
+    if config.num_shared_experts == 0:
+        return 1
+    return config.shared_expert_intermediate_size // config.moe_intermediate_size
 
 
 def _glm4_moe_sparse_fields(hf_config: PreTrainedConfig, problems: list[str]) -> dict:
@@ -658,9 +668,24 @@ def _plan_to_hf(family: str, hf_config: PreTrainedConfig) -> dict[str, Recipe]:
     for key in _target_keys(_causal_lm_class(family), hf_config):
         if family == "qwen2_moe":
             plan[key] = _read(key.replace(".mlp.shared_expert.", ".mlp.shared_experts."))
+        elif family == "glm4_moe" and ".mlp.shared_experts." in key:
+            plan[key] = _read_or_zero_shared_expert(key, hf_config)
         else:
             plan[key] = _read(key)
     return plan
+
+
+def _read_or_zero_shared_expert(key: str, hf_config: PreTrainedConfig) -> Recipe:
+    """The shared expert's tensor, or zeros for a model without shared experts (see `hf_config_from_sparse`)."""
+    width, hidden = hf_config.moe_intermediate_size * hf_config.n_shared_experts, hf_config.hidden_size
+    shape = (hidden, width) if key.endswith("down_proj.weight") else (width, hidden)
+
+    def build(source):
+        if key in source:
+            return source.get(key)
+        return torch.zeros(shape, dtype=source.dtype_of("model.embed_tokens.weight"))
+
+    return build
 
 
 def _plan_upcycle(config: SparseMoEConfig, noise_std: float, seed: int) -> dict[str, Recipe]:

@@ -23,6 +23,7 @@ use transformers' order (NeoX style) and take q/k as they are.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -42,6 +43,7 @@ from .conversion import (
     _atomic_output_dir,
     _load_config,
     _SafetensorsFolder,
+    _glm4_moe_shared_count,
     _StateDictSource,
     convert_folder,
     family_problems,
@@ -78,20 +80,22 @@ def pick_family(config: SparseMoEConfig, source=None, *, gguf: bool = False) -> 
     """The first family of `FAMILY_PREFERENCE` that holds `config` exactly (with `gguf=True`: whose llama.cpp
     architecture runs it too). `source` (tensors) lets a non-zero router correction bias count. Raises a `ValueError`
     listing each family's reasons and the nearest one's changes when none does."""
-    reasons = {}
+    reasons, without_gguf = {}, []
     for family in FAMILY_PREFERENCE:
         problems = family_problems(config, family, source)
         if gguf and not problems:
+            without_gguf.append(family)
             problems = gguf_problems(config, family)
         if not problems:
             return family
         reasons[family] = problems
     nearest = min(reasons, key=lambda family: len(reasons[family]))
     lines = "\n".join(f"  - {family}: " + "; ".join(problems) for family, problems in reasons.items())
+    hint = f" Without a GGUF, {without_gguf[0]} holds it." if without_gguf else ""
     raise ValueError(
         f"No transformers family{' with a llama.cpp architecture' if gguf else ''} holds this model exactly:\n{lines}\n"
-        f"Nearest: {nearest}, after changing {'; '.join(reasons[nearest])}. Otherwise serve the SparseMoE folder "
-        "itself through vLLM's Transformers backend (--model-impl transformers --trust-remote-code)."
+        f"Nearest: {nearest}, after changing {'; '.join(reasons[nearest])}.{hint} Otherwise serve the SparseMoE "
+        "folder itself through vLLM's Transformers backend (--model-impl transformers --trust-remote-code)."
     )
 
 
@@ -119,6 +123,9 @@ def gguf_problems(config: SparseMoEConfig, family: str) -> list[str]:
         problems.append(f"head_dim={config.head_dim}: llama.cpp's {arch} needs head_dim * heads == hidden_size")
     if arch == "olmoe" and config.attention_bias:
         problems.append("attention_bias=True: llama.cpp's olmoe has no attention biases")
+    if arch == "olmoe" and config.num_key_value_heads != config.num_attention_heads:
+        problems.append(f"num_key_value_heads={config.num_key_value_heads}: llama.cpp's olmoe k-norm spans "
+                        "hidden_size, so it needs num_key_value_heads == num_attention_heads")
     return problems
 
 
@@ -147,6 +154,8 @@ def export_for_serving(
     if not src.is_dir():
         raise ValueError(f"{src} is not a folder; expected a SparseMoE model folder or a LoRA adapter folder.")
     _check_output(dst, overwrite)
+    if family != "auto" and family not in MOE_FAMILIES:
+        raise ValueError(f"family must be 'auto' or one of {MOE_FAMILIES}, got {family!r}.")
     gguf_type = _check_gguf_type(gguf)
     if gguf_type in LLAMA_QUANTIZE_TYPES:
         _llama_quantizer(gguf_type)  # refuse now, not after writing the f16 file
@@ -168,8 +177,6 @@ def export_for_serving(
     with _tensors(model_folder, merged) as source:
         if family == "auto":
             family = pick_family(config, source, gguf=gguf_type is not None)
-        elif family not in MOE_FAMILIES:
-            raise ValueError(f"family must be 'auto' or one of {MOE_FAMILIES}, got {family!r}.")
         problems = family_problems(config, family, source) + (gguf_problems(config, family) if gguf_type else [])
         if problems:
             raise ValueError(f"Cannot export this SparseMoE model as {family}{' GGUF' if gguf_type else ''}:\n"
@@ -390,7 +397,7 @@ def write_gguf(
             _add_gguf_tensor(writer, gguf_name, tensor, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
+        writer.write_tensors_to_file(progress=True)
         writer.close()
         partial.rename(path)
     except BaseException:
@@ -433,7 +440,7 @@ def _write_gguf_metadata(writer, config: SparseMoEConfig, family: str, arch: str
     if arch == "qwen2moe":
         writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
     if arch == "glm4moe":
-        writer.add_expert_shared_count(config.num_shared_experts)
+        writer.add_expert_shared_count(_glm4_moe_shared_count(config))
         writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         writer.add_expert_weights_scale(float(config.routed_scaling_factor))
@@ -485,6 +492,11 @@ def _gguf_tensors(config: SparseMoEConfig, family: str, source):
                     if arch == "llama" and n_head is not None:
                         tensor = _interleave_rope_rows(tensor, n_head)
                     yield f"{blk}.{theirs}.{kind}", tensor
+                elif arch == "qwen2moe" and kind == "bias" and ours != "o_proj":
+                    # NOTE: llama.cpp releases before its `create_tensor_qkv` refactor require qwen2moe's q/k/v biases;
+                    # zeros are exact.
+                    weight = source.get(f"{layer}.self_attn.{ours}.weight")
+                    yield f"{blk}.{theirs}.bias", torch.zeros(weight.shape[0])
         for ours, theirs in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):
             if f"{layer}.self_attn.{ours}.weight" in source:
                 yield f"{blk}.{theirs}.weight", get(f"{layer}.self_attn.{ours}.weight")
@@ -506,6 +518,11 @@ def _gguf_tensors(config: SparseMoEConfig, family: str, source):
             for proj, theirs in (("gate_proj", "ffn_gate_shexp"), ("up_proj", "ffn_up_shexp"),
                                  ("down_proj", "ffn_down_shexp")):
                 yield f"{blk}.{theirs}.weight", get(f"{mlp}.shared_experts.{proj}.weight")
+        elif arch == "glm4moe":  # glm4moe's graph always adds a shared expert: an all-zero one adds exactly 0
+            width, hidden = config.moe_intermediate_size, config.hidden_size
+            yield f"{blk}.ffn_gate_shexp.weight", torch.zeros(width, hidden)
+            yield f"{blk}.ffn_up_shexp.weight", torch.zeros(width, hidden)
+            yield f"{blk}.ffn_down_shexp.weight", torch.zeros(hidden, width)
         if config.shared_expert_gate:
             yield f"{blk}.ffn_gate_inp_shexp.weight", get(f"{mlp}.shared_expert_gate.weight").reshape(-1)
 
@@ -533,6 +550,9 @@ def _add_gguf_tensor(writer, name: str, tensor: torch.Tensor, outtype: str) -> N
     elif outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
         qtype = gguf.GGMLQuantizationType.Q8_0
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    elif np.abs(data).max() > np.finfo(np.float16).max:  # a bf16/fp32 value f16 cannot hold: keep it exact
+        logger.warning(f"{name}: values beyond float16's range; written in float32.")
+        writer.add_tensor(name, data)
     else:
         writer.add_tensor(name, data.astype(np.float16))
 
@@ -549,7 +569,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str = "
     if llama_cpp is not None:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         if status != 0:
             raise ValueError(f"llama.cpp failed to quantize {src} to {qtype} (status {status}).")
         return dst

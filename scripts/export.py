@@ -2,12 +2,11 @@
 AutoModelForCausalLM), with tokenizer, chat template and generation config, and optionally a GGUF file (llama.cpp).
 
     # full model folder -> native family folder (family picked automatically) + f16 GGUF inside it
-    python scripts/export.py outputs/quickstart/pretrain/model out/serve --gguf f16
-    # LoRA adapter folder, merged into its base on the way, as Qwen3-MoE, with a Q8_0 GGUF
-    python scripts/export.py outputs/sft/adapter out/serve-sft --base outputs/quickstart/pretrain/model \
-        --to qwen3_moe --gguf q8_0
+    python scripts/export.py out/quickstart/pretrain out/serve --gguf
+    # LoRA adapter folder, merged into its base on the way, with a Q8_0 GGUF
+    python scripts/export.py out/sft-adapter out/serve-sft --base out/quickstart/pretrain --gguf q8_0
     # Q4_K_M needs llama.cpp's quantizer (llama-cpp-python installed, or llama-quantize on PATH)
-    python scripts/export.py outputs/quickstart/pretrain/model out/serve-q4 --gguf Q4_K_M
+    python scripts/export.py out/quickstart/translation out/serve-q4 --gguf Q4_K_M
 
 DST is built in a temporary folder next to it and renamed at the end: a failed run leaves no DST behind.
 """
@@ -28,8 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base", help="base SparseMoE folder of an adapter (default: the adapter config's "
                         "base_model_name_or_path)")
     parser.add_argument("--tokenizer", help="folder to take the tokenizer from when SRC has none")
-    parser.add_argument("--gguf", metavar="TYPE", help=f"also write DST/model-TYPE.gguf: one of {', '.join(GGUF_TYPES)}"
-                        f" (Python) or {', '.join(LLAMA_QUANTIZE_TYPES)} (llama.cpp's quantizer)")
+    parser.add_argument("--gguf", metavar="TYPE", nargs="?", const="f16",
+                        help=f"also write DST/model-TYPE.gguf for llama.cpp (TYPE defaults to f16): one of "
+                        f"{', '.join(GGUF_TYPES)} (written in Python) or {', '.join(LLAMA_QUANTIZE_TYPES)} (through "
+                        "llama.cpp's quantizer)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return parser.parse_args(argv)

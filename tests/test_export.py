@@ -4,6 +4,7 @@ llama.cpp's `llama` graph, refusals that leave nothing behind."""
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ FAMILY_CASES = {
     "qwen3_moe": dict(qk_norm="head", head_dim=16),
     "qwen2_moe": dict(num_shared_experts=1, shared_expert_gate=True, attention_bias=True, attention_out_bias=False,
                       norm_topk_prob=False),
-    "olmoe": dict(qk_norm="full", norm_topk_prob=False),
+    "olmoe": dict(qk_norm="full", norm_topk_prob=False, num_key_value_heads=4),
     "glm4_moe": dict(router_type="sigmoid", num_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
                      num_hidden_layers=3, qk_norm="head", attention_bias=True, attention_out_bias=False),
 }  # fmt: skip
@@ -168,6 +169,23 @@ def test_glm4_moe_holds_group_limited_sigmoid_routing_with_bias(tokenizer, tmp_p
     assert field(reader, "glm4moe.expert_shared_count") == 2
 
 
+def test_sigmoid_routing_without_shared_experts_gets_an_all_zero_one(tokenizer, tmp_path):
+    """GLM-4-MoE always has shared experts: a sigmoid-routed model without any exports with one whose weights are
+    zero, which adds exactly 0 (folder and GGUF)."""
+    ours = make_model(seed=4, router_type="sigmoid", norm_topk_prob=False, routed_scaling_factor=1.5)
+    src = save(ours, tmp_path / "src", tokenizer)
+    result = export_for_serving(src, tmp_path / "out", gguf="f32")
+    assert result.family == "glm4_moe"
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert native.config.n_shared_experts == 1 and not native.model.layers[0].mlp.shared_experts.down_proj.weight.any()
+    ids = ids_for(tokenizer)
+    assert_fp32_close(logits(native, ids), logits(ours, ids))
+    reader = gguf.GGUFReader(result.gguf)
+    assert field(reader, "glm4moe.expert_shared_count") == 1
+    actual = llama_cpp_reference_logits(reader, ids[0].numpy())
+    np.testing.assert_allclose(actual, logits(ours, ids)[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ====================================================================================================== GGUF values
 def test_gguf_round_trip_f32_f16_q8_0(tokenizer, tmp_path):
     ours = make_model(qk_norm="head")
@@ -196,6 +214,14 @@ def test_gguf_round_trip_f32_f16_q8_0(tokenizer, tmp_path):
         assert sorted(tensors) == sorted(gguf_names(ours.config, qk_norm=True))
     assert not list(tmp_path.glob(".*partial"))
 
+    with torch.no_grad():  # a weight float16 cannot hold stays float32 rather than becoming inf
+        ours.model.layers[0].self_attn.o_proj.weight[0, 0] = 1e5
+    path = write_gguf(ours, tmp_path / "big.gguf", "qwen3_moe", tokenizer)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert tensors["blk.0.attn_output.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.0.attn_output.weight"].data[0, 0] == 1e5
+    assert tensors["blk.0.attn_v.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+
 
 def gguf_names(config, qk_norm=False):
     names = ["token_embd.weight", "output_norm.weight", "output.weight"]
@@ -208,18 +234,21 @@ def gguf_names(config, qk_norm=False):
 
 REFERENCE_CASES = {  # family -> settings: every architecture's graph features (groups, scaling, dense lead, ...)
     "mixtral": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen3_moe": dict(qk_norm="head", head_dim=16),
+    "qwen3_moe": dict(qk_norm="head", head_dim=16,
+                      rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4)),
     "qwen2_moe": FAMILY_CASES["qwen2_moe"],
     "olmoe": FAMILY_CASES["olmoe"],
-    "glm4_moe": dict(FAMILY_CASES["glm4_moe"], num_experts=8, n_group=4, topk_group=2, num_shared_experts=2),
+    "glm4_moe": dict(FAMILY_CASES["glm4_moe"], num_experts=8, n_group=4, topk_group=2, num_shared_experts=2,
+                     shared_expert_intermediate_size=72),  # 3 experts wide: glm4_moe's n_shared_experts=3
 }
 
 
 @pytest.mark.parametrize("family", list(REFERENCE_CASES))
 def test_gguf_numpy_reference_forward_equals_our_logits(family, tokenizer, tmp_path):
-    """A numpy implementation of llama.cpp's graph for each architecture (RoPE style, qk-norms, router gating, bias,
-    groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file, gives our
-    logits: tensor names, layouts, the q/k permutation of `llama` and the metadata are what llama.cpp reads."""
+    """A numpy implementation of llama.cpp's graph for each architecture (RoPE style and linear scaling, qk-norms,
+    gating, bias, groups, top-k normalisation and scale, shared experts, dense layers), fed only from the GGUF file,
+    gives our logits: tensor names, layouts, the q/k permutation of `llama` and the metadata are what llama.cpp
+    reads."""
     ours = make_model(seed=1, **REFERENCE_CASES[family])
     path = write_gguf(ours, tmp_path / "m.gguf", family, tokenizer, outtype="f32")
     ids = ids_for(tokenizer)
@@ -239,6 +268,7 @@ def llama_cpp_reference_logits(reader, ids):
 
     n_head, n_kv, head_dim = meta("attention.head_count"), meta("attention.head_count_kv"), meta("rope.dimension_count")
     eps, theta = meta("attention.layer_norm_rms_epsilon"), meta("rope.freq_base")
+    position_scale = 1 / meta("rope.scaling.factor") if meta("rope.scaling.type") == "linear" else 1.0
     top_k = meta("expert_used_count")
     groups, groups_used = meta("expert_group_count", 0), meta("expert_group_used_count")
     sigmoid_gate = meta("expert_gating_func") == gguf.ExpertGatingFuncType.SIGMOID
@@ -251,7 +281,8 @@ def llama_cpp_reference_logits(reader, ids):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
     def rope(x):  # (S, H, hd); `llama` rotates adjacent pairs (GGML_ROPE_TYPE_NORM), the others halves (NEOX)
-        angle = np.arange(x.shape[0])[:, None, None] * theta ** (-np.arange(0, head_dim, 2) / head_dim)
+        positions = np.arange(x.shape[0])[:, None, None] * position_scale
+        angle = positions * theta ** (-np.arange(0, head_dim, 2) / head_dim)
         first, second = (x[..., 0::2], x[..., 1::2]) if arch == "llama" else np.split(x, 2, axis=-1)
         rotated = (first * np.cos(angle) - second * np.sin(angle), first * np.sin(angle) + second * np.cos(angle))
         out = np.empty_like(x)
@@ -420,15 +451,27 @@ def test_unsupported_config_is_refused_with_the_nearest_settings(tokenizer, tmp_
     assert "--model-impl transformers" in message
     with pytest.raises(ValueError, match="Cannot export this SparseMoE model as qwen3_moe"):
         export_for_serving(src, tmp_path / "out", family="qwen3_moe")
+    olmoe_gqa = make_model(qk_norm="full", norm_topk_prob=False)  # 2 kv heads for 4 query heads
+    with pytest.raises(ValueError, match="llama.cpp's olmoe k-norm spans hidden_size"):
+        write_gguf(olmoe_gqa, tmp_path / "x.gguf", "olmoe", tokenizer)
+    # qwen2moe without q/k/v bias: zero biases (older llama.cpp requires them), the same logits
+    qwen2 = make_model(num_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False)
+    reader = gguf.GGUFReader(write_gguf(qwen2, tmp_path / "q2.gguf", "qwen2_moe", tokenizer, outtype="f32"))
+    assert not {t.name: t for t in reader.tensors}["blk.0.attn_k.bias"].data.any()
+    ids = ids_for(tokenizer)
+    np.testing.assert_allclose(llama_cpp_reference_logits(reader, ids[0].numpy()), logits(qwen2, ids)[0].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    (tmp_path / "q2.gguf").unlink()
     # the family holds it, llama.cpp's graph does not: refused only when a GGUF is asked for
     src2 = save(make_model(qk_norm="head", norm_topk_prob=False), tmp_path / "src2", tokenizer)
-    with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always uses True"):
+    with pytest.raises(ValueError, match="norm_topk_prob=False: llama.cpp's qwen3moe always uses True") as error:
         export_for_serving(src2, tmp_path / "out", gguf="f16")
+    assert "Without a GGUF, qwen3_moe holds it." in str(error.value)
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src", "src2"]
     assert export_for_serving(src2, tmp_path / "out").family == "qwen3_moe"
 
 
-def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, capsys):
+def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, capsys, monkeypatch):
     src = save(make_model(), tmp_path / "src")  # no tokenizer
     with pytest.raises(ValueError, match=r"No tokenizer \(tokenizer.json\) in .*--tokenizer FOLDER"):
         export_for_serving(src, tmp_path / "out")
@@ -436,8 +479,14 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
     export_for_serving(src, tmp_path / "out", tokenizer=tmp_path / "tok")
     with pytest.raises(ValueError, match="already exists; .*--overwrite"):
         export_for_serving(src, tmp_path / "out", tokenizer=tmp_path / "tok")
-    with pytest.raises(ValueError, match="llama-quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M"):
-        export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q4_k_m")
+    with monkeypatch.context() as patch:  # no llama.cpp quantizer anywhere
+        patch.setitem(sys.modules, "llama_cpp", None)
+        patch.delenv("LLAMA_QUANTIZE", raising=False)
+        patch.setattr(shutil, "which", lambda name: None)
+        with pytest.raises(ValueError, match="llama-quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M"):
+            export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q4_k_m")
+    with pytest.raises(ValueError, match="family must be 'auto' or one of"):
+        export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", family="deepseek_v3")
     with pytest.raises(ValueError, match="gguf must be one of"):
         export_for_serving(src, tmp_path / "q4", tokenizer=tmp_path / "tok", gguf="q3")
     assert not (tmp_path / "q4").exists()
@@ -451,6 +500,7 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, c
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("export.py: error: ") and "already exists" in err
     argv = [str(src), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--overwrite", "--gguf", "q8_0"]
+    assert export_cli.parse_args(argv[:2] + ["--gguf"]).gguf == "f16"  # --gguf alone: f16
     assert export_cli.main(argv) == 0
     assert "(mixtral) and" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -491,3 +541,40 @@ def test_gguf_runs_in_llama_cpp_with_our_tokens_and_logits(family, tokenizer, tm
     small = llama_cpp.Llama(model_path=str(q4), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
     small.eval(ids)
     assert np.isfinite(np.asarray(small.scores[: len(ids)])).all()
+
+
+def test_k_quants_go_through_llama_quantize(tokenizer, tmp_path, monkeypatch):
+    """`--gguf Q4_K_M` writes the f16 file, then runs llama.cpp's quantizer on it (here a stand-in `llama-quantize`
+    that records its arguments and copies the file)."""
+    fake = tmp_path / "llama-quantize"
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\ncp "$1" "$2"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_QUANTIZE", str(fake))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # the binary path, even where llama-cpp-python is installed
+    src = save(make_model(), tmp_path / "src", tokenizer)
+    result = export_for_serving(src, tmp_path / "out", gguf="q4_k_m")
+    assert result.gguf == tmp_path / "out" / "model-Q4_K_M.gguf" and result.gguf.is_file()
+    assert (tmp_path / "out" / "model-f16.gguf").is_file()
+    assert (tmp_path / "args").read_text().split()[-1] == "Q4_K_M"
+    with pytest.raises(ValueError, match="qtype must be one of"):
+        quantize_gguf(result.gguf, tmp_path / "x.gguf", "Q3_K_S")
+
+
+# README's "Serve it" commands, as written (the lead's README registry can name this test)
+README_SERVE_COMMANDS = [
+    "python scripts/export.py out/quickstart/pretrain out/serve --gguf",
+    "python scripts/export.py out/quickstart/translation out/serve-mt --gguf q8_0",
+]
+
+
+def test_readme_serve_commands_work_as_written(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("pretrain", 5), ("translation", 6)):
+        save(make_model(seed=seed), Path("out/quickstart") / name, tokenizer)
+    for command in README_SERVE_COMMANDS:
+        argv = command.split()
+        assert argv[:2] == ["python", "scripts/export.py"]
+        assert export_cli.main(argv[2:]) == 0, command
+    assert sorted(p.name for p in Path("out/serve").glob("*.gguf")) == ["model-f16.gguf"]
+    assert sorted(p.name for p in Path("out/serve-mt").glob("*.gguf")) == ["model-q8_0.gguf"]
+    assert json.loads(Path("out/serve-mt/config.json").read_text())["model_type"] == "mixtral"
