@@ -76,10 +76,9 @@ def _config_value(quantization_config, key, default=None):
 
 def is_4bit_config(quantization_config) -> bool:
     """Whether a `BitsAndBytesConfig` (object or dict, as config.json stores it) asks for 4-bit weights."""
-    return bool(_config_value(quantization_config, "load_in_4bit", False)) and (
-        _config_value(quantization_config, "quant_method", "bitsandbytes") in ("bitsandbytes", None)
-        or str(_config_value(quantization_config, "quant_method")).endswith("BITS_AND_BYTES")
-    )
+    # NOTE: `QuantizationMethod` is a str enum, so the object's member and the dict's string compare alike
+    method = _config_value(quantization_config, "quant_method", "bitsandbytes")
+    return bool(_config_value(quantization_config, "load_in_4bit", False)) and method == "bitsandbytes"
 
 
 def default_blocksize(experts: nn.Module) -> int:
@@ -118,8 +117,8 @@ def _check_blocksize(experts: nn.Module, blocksize: int) -> None:
         if width % blocksize:
             raise ValueError(
                 f"4-bit block size {blocksize} does not divide the expert width {what}={width}: every block must lie "
-                f"in one row of one expert. Use a block size that divides {width} (e.g. "
-                f"{math.gcd(width, DEFAULT_BLOCKSIZE) if math.gcd(width, DEFAULT_BLOCKSIZE) >= 32 else 32}), or leave "
+                f"in one row of one expert. Use a power of two >= 32 that divides {width} (64 and 32 are bitsandbytes' "
+                "usual sizes; leave blocksize unset to pick one), or keep "
                 "these experts in full precision with llm_int8_skip_modules=['experts']."
             )
 

@@ -412,6 +412,7 @@ def test_bad_input_is_refused_clearly(fp_model, fp_folder, tmp_path):
         Trainer(model=loaded, args=TrainingArguments(tmp_path, report_to=[], use_cpu=True))
 
 
+@pytest.mark.slow
 def test_recipe_qlora_adapts_the_4bit_experts_on_cpu(tmp_path):
     """`--load_in_4bit --lora_target attention,experts` in a recipe, from configs/tiny (widths of 32: block size 32)."""
     from modeling_sparse_moe.tasks import translation
