@@ -3,6 +3,7 @@
 trainable parameters; Hub-style Mixtral config.json files plan like the real Mixtral; the shipped big configs have
 their published sizes."""
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,20 @@ def test_cli_prints_tables_and_refuses_unknown_configs(tmp_path):
     assert "| nf4 |" in out.stdout and (tmp_path / "p.json").is_file()
     bad = subprocess.run([sys.executable, str(script), "no-such-config"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: 'no-such-config' is neither")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_experts_equal_the_4bit_experts_footprint(double_quant):
+    """The "nf4_experts" layout is the footprint of `quantization.quantize_experts` (4-bit routed experts, the rest
+    bf16), byte for byte (that module lands with the 4-bit work; skipped where it is absent)."""
+    quantization = pytest.importorskip("modeling_sparse_moe.quantization")
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    config = tiny_config(hidden_size=64, moe_intermediate_size=64)
+    plan = plan_memory(config, double_quant=double_quant)
+    model = SparseMoEForCausalLM(copy.deepcopy(config)).to(torch.bfloat16)
+    quantization.quantize_experts(model, BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant
+    ))
+    assert plan.weights["nf4_experts"] == model.get_memory_footprint()
