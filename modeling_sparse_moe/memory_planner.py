@@ -220,6 +220,9 @@ class MemoryPlan:
     gpu_sizes_gib: tuple[int, ...] = tuple(GPU_SIZES)
     overhead_gib: float = 1.0
     notes: list[str] = field(default_factory=list)
+    # the same QLoRA run when the 4-bit quantizer misses the experts (bitsandbytes alone: they stay bf16, and
+    # prepare_model_for_kbit_training then casts them to fp32 with the other non-4-bit weights)
+    qlora_float_experts_total: int | None = None
 
     def fits(self, num_bytes: int) -> dict[int, bool]:
         """GPU size (GiB) -> whether `num_bytes` plus the overhead fits."""
@@ -239,6 +242,7 @@ class MemoryPlan:
                 lora_weights=q.lora_weights, lora_grads=q.lora_grads, optimizer_states=q.optimizer_states,
                 activations=q.activations, overhead=q.overhead, total=q.total,
                 fits={size: q.total <= size * GIB for size in self.gpu_sizes_gib},
+                total_with_float_experts=self.qlora_float_experts_total,
             )
         return out
 
@@ -264,6 +268,11 @@ class MemoryPlan:
                           f"{q.optimizer_states / GIB:.2f}) + activations {q.activations / GIB:.2f} + overhead "
                           f"{q.overhead / GIB:.2f}",
                       "fits: " + ", ".join(f"{s} GB {'yes' if fits[s] else 'no'}" for s in sizes)]
+            if self.qlora_float_experts_total is not None:
+                other = self.qlora_float_experts_total
+                lines.append(f"the same run with the experts left unquantized (bitsandbytes alone), upcast like the other "
+                             f"non-4-bit weights: {other / GIB:.2f} GiB; fits: "
+                             + ", ".join(f"{s} GB {'yes' if other <= s * GIB else 'no'}" for s in sizes))
         lines += self.notes
         return "\n".join(lines)
 
@@ -337,12 +346,15 @@ def plan_memory(spec: str | PretrainedConfig, *, double_quant: bool = False, ran
         raise AssertionError("planner categories do not add up to the model's tensors")  # a counting bug
     qlora = qlora_estimate(models[torch.bfloat16], weights["nf4"], rank, targets, batch_size, seq_len, overhead_gib,
                            upcast)
+    routed_float = parts["bf16"]["routed_experts"] * (2 if upcast else 1)
+    float_experts_total = qlora.total - parts["nf4"]["routed_experts"] + routed_float
     notes = [f"NF4 {'with' if double_quant else 'without'} double quantization, block size {NF4_BLOCKSIZE}; "
              f"a GPU fits weights when they plus {overhead_gib:g} GiB of overhead are at most its size."]
     return MemoryPlan(
         name=name or (spec if isinstance(spec, str) else config.model_type), config=config,
         num_parameters=sum(p.numel() for p in models[torch.float32].parameters()), weights=weights, parts=parts,
         qlora=qlora, gpu_sizes_gib=tuple(gpu_sizes_gib), overhead_gib=overhead_gib, notes=notes,
+        qlora_float_experts_total=float_experts_total,
     )
 
 
