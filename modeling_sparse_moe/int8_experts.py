@@ -182,7 +182,8 @@ class Int8Experts(_KeepScalesFp32, nn.Module):
     @classmethod
     def from_experts(cls, experts: nn.Module, hidden_act: str) -> Int8Experts:
         gate_up, down = experts.gate_up_proj, experts.down_proj
-        module = cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, hidden_act).to(gate_up.device)
+        with torch.device(gate_up.device):  # no placeholder allocation elsewhere (meta models stay free)
+            module = cls(experts.num_experts, experts.hidden_dim, experts.intermediate_dim, hidden_act)
         module.gate_up_proj, module.gate_up_proj_scale = quantize_per_channel(gate_up)
         module.down_proj, module.down_proj_scale = quantize_per_channel(down)
         return module
@@ -230,7 +231,8 @@ class Int8Linear(_KeepScalesFp32, nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None).to(linear.weight.device)
+        with torch.device(linear.weight.device):
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None)
         module.weight, module.weight_scale = quantize_per_channel(linear.weight)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)

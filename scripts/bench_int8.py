@@ -59,10 +59,12 @@ def parse_args(argv=None):
     parser.add_argument("--config_name", default="small", choices=sorted(SHAPES), help="shape with random weights")
     parser.add_argument("--model_name_or_path", help="a pretrained folder (with tokenizer): adds perplexity")
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    parser.add_argument("--measures", default="prefill,decode", help="comma-separated: prefill, decode")
     parser.add_argument("--eval_blocks", type=int, default=256, help="validation blocks for the perplexity")
     parser.add_argument("--block_size", type=int, default=128)
     args = parse_workload(parser, argv)
     args.modes = [m for m in args.modes.split(",") if m]
+    args.measures = [m for m in args.measures.split(",") if m]
     if args.quick:
         args.modes, args.prompt, args.eval_blocks = ["eager"], 8, 8
     if not set(args.modes) <= {"eager", "compiled"}:
@@ -160,6 +162,8 @@ def run(args) -> dict:
             ("prefill", lambda m: prefill_fn(m, prefill_ids, compiled), args.prefill),
             ("decode", lambda m: decode_fn(m, prompt, args.new_tokens, compiled), args.new_tokens),
         ):
+            if label not in args.measures:
+                continue
             steps = {name: make(model) for name, model in models.items()}
             first_s = {}
             for name, step in steps.items():  # compiles (and warms up) each variant before any timing
