@@ -685,6 +685,12 @@ def _write_plots(output_dir: str, log_history: list[dict], telemetry: str | None
 
 
 # ------------------------------------------------------------------------------------------ the MoE-vs-dense study
+# How the pretraining recipes here balance their routers (configs/demo, which the recipe and the quickstart use, and
+# the study's MoE variants): the Switch aux loss and the ST-MoE z-loss as before, plus DeepSeek-V3's aux-loss-free
+# bias balancing. NOTE: the aux loss pools assignments over layers (Mixtral's formula), so it cannot see one layer's
+# dead expert when another layer overuses the same index; the bias update balances each layer on its own. Chosen by
+# the ablation in docs/training.md ("Balanced by default").
+BALANCED_ROUTER = {"router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001, "router_bias_update_rate": 0.005}
 # Shapes of the study (4 layers x 256, vocab 4096): the dense FFN is as wide as the K experts a token uses together,
 # so every variant has the same active parameters per token (the router adds E x 256 per layer).
 STUDY_BASE = {
@@ -695,8 +701,7 @@ STUDY_BASE = {
     "num_key_value_heads": 4,
     "head_dim": 32,
     "max_position_embeddings": 256,
-    "router_aux_loss_coef": 0.01,
-    "router_z_loss_coef": 0.001,
+    **BALANCED_ROUTER,
 }
 STUDY_VARIANTS = {
     "dense": "num_experts=0,intermediate_size=1024",
@@ -722,9 +727,20 @@ class StudyArguments:
     batch_size: int = field(default=16, metadata={"help": "Blocks per step."})
     block_size: int = field(default=128, metadata={"help": "Tokens per block."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (all variants)."})
-    router_lr_scale: float = field(default=1.0, metadata={"help": "Router weights' learning rate / learning_rate."})
+    router_lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "Router weights' learning rate / learning_rate (a variant may set its own with "
+                  "'router_lr_scale=...' among its overrides)."},
+    )
     warmup_steps: int = field(default=30, metadata={"help": "Linear warmup before the cosine decay."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Trainer's default is 0.999)."})
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "'quickstart': the quickstart's pretraining optimisation (400 steps, lr 2e-3, warmup 20, "
+                  "no weight decay, beta2 0.999, as Trainer runs it; evaluation every 50 steps) instead of the "
+                  "study's; the router-balance ablation uses it."},
+    )
     eval_every: int = field(default=50, metadata={"help": "Validation loss every N steps (and at the last one)."})
     eval_blocks: int = field(default=128, metadata={"help": "Validation blocks (fixed, held-out chapters)."})
     seeds: str = field(default="0", metadata={"help": "Comma-separated seeds; each runs every variant."})
@@ -740,6 +756,13 @@ class StudyArguments:
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: leave as is)."})
 
 
+# Keys a variant may carry besides config fields: how its router is optimised and initialised, not what it is.
+RUN_KEYS = ("router_lr_scale", "router_init_std")
+# The quickstart's pretraining optimisation (quickstart.SIZES["small"] through Trainer's defaults).
+QUICKSTART_PRESET = {"steps": 400, "learning_rate": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
+                     "adam_beta2": 0.999, "eval_every": 50}
+
+
 def _parse_variants(spec: str) -> dict[str, str]:
     variants = {}
     for item in spec.split(";"):
@@ -747,6 +770,18 @@ def _parse_variants(spec: str) -> dict[str, str]:
             name, _, overrides = item.partition(":")
             variants[name.strip()] = overrides.strip()
     return variants
+
+
+def _split_run_options(overrides: str) -> tuple[str, dict[str, float]]:
+    """A variant's overrides without the `RUN_KEYS`, and those keys' values."""
+    kept, options = [], {}
+    for item in _split_top_level(overrides or ""):
+        key = item.partition("=")[0].strip()
+        if key in RUN_KEYS:
+            options[key] = float(item.partition("=")[2])
+        elif item.strip():
+            kept.append(item)
+    return ",".join(kept), options
 
 
 def _study_data(args: StudyArguments, vocab_size: int):
@@ -775,13 +810,21 @@ def _study_data(args: StudyArguments, vocab_size: int):
 
 
 class _StudyRun:
-    def __init__(self, name: str, config, args: StudyArguments, seed: int):
+    def __init__(self, name: str, config, args: StudyArguments, seed: int, options: dict | None = None):
         from .training import RouterTelemetry
 
+        options = options or {}
         set_seed(seed)
         self.name = name
         self.config = config
         self.model = AutoModelForCausalLM.from_config(config)
+        if "router_init_std" in options:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for param_name, param in self.model.named_parameters():
+                    if param_name.endswith("mlp.gate.weight"):
+                        param.copy_(torch.randn(param.shape, generator=generator) * options["router_init_std"])
+        router_lr_scale = options.get("router_lr_scale", args.router_lr_scale)
         self.model.train()
         router, decay, no_decay = [], [], []
         for param_name, param in self.model.named_parameters():
@@ -793,8 +836,8 @@ class _StudyRun:
                 no_decay.append(param)
         groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if router:
-            groups.append({"params": router, "weight_decay": 0.0, "lr": args.learning_rate * args.router_lr_scale})
-        self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+            groups.append({"params": router, "weight_decay": 0.0, "lr": args.learning_rate * router_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
         self.scheduler = transformers.get_cosine_schedule_with_warmup(self.optimizer, args.warmup_steps, args.steps)
         self.telemetry = RouterTelemetry(self.model) if router else None
         self.seconds = 0.0
@@ -802,6 +845,8 @@ class _StudyRun:
         self.train_loss: list[tuple[int, float]] = []
         self.eval_loss: list[tuple[int, float]] = []
         self.imbalance: list[tuple[int, float]] = []
+        # per evaluation: assignments per expert of every MoE layer over the steps since the previous evaluation
+        self.loads: list[tuple[int, list[list[int]]]] = []
         self._loss_sum = 0.0
 
     def step(self, input_ids) -> None:
@@ -836,10 +881,21 @@ class _StudyRun:
         self._loss_sum = 0.0
         if self.telemetry is not None:
             summary = self.telemetry.summary(per_expert=False)
+            loads = self.telemetry.loads()
             self.telemetry.reset()
             if summary:
                 self.imbalance.append((step, summary["router/load_imbalance"]))
+                self.loads.append((step, [loads[layer] for layer in sorted(loads)]))
         return loss
+
+
+def expert_shares(counts: list[list[int]]) -> list[list[float]]:
+    """Each expert's share of its layer's assignments as a multiple of the uniform share (1.0 = 1/E)."""
+    shares = []
+    for layer in counts:
+        total = sum(layer)
+        shares.append([count * len(layer) / total if total else 0.0 for count in layer])
+    return shares
 
 
 def steps_to_reach(eval_loss: list[tuple[int, float]], target: float) -> float | None:
@@ -872,14 +928,20 @@ def run_dense_comparison(args: StudyArguments) -> dict:
         args.steps, args.eval_every, args.batch_size, args.block_size = min(args.steps, 20), 5, 4, 64
         args.max_corpus_chars = args.max_corpus_chars or 200_000
         args.eval_blocks, args.warmup_steps = min(args.eval_blocks, 16), 2
+    if args.preset is not None:
+        if args.preset != "quickstart":
+            raise ValueError(f"--preset {args.preset!r}: the only preset is 'quickstart'")
+        for key, value in QUICKSTART_PRESET.items():
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)
     if args.base_overrides:
         base.update(parse_config_overrides(args.base_overrides))
     variants = _parse_variants(args.variants) if args.variants else (SMOKE_VARIANTS if args.smoke else STUDY_VARIANTS)
-    configs = {}
-    for name, overrides in variants.items():
+    configs, options = {}, {}
+    for name, spec in variants.items():
+        overrides, options[name] = _split_run_options(spec)
         configs[name] = apply_config_overrides(SparseMoEConfig(**base), overrides) if overrides else SparseMoEConfig(**base)
     baseline = next(iter(configs))
     tokenizer, train_BL, val_BL, corpus = _study_data(args, base["vocab_size"])
@@ -890,7 +952,7 @@ def run_dense_comparison(args: StudyArguments) -> dict:
 
     per_seed = []
     for seed in seeds:
-        runs = {name: _StudyRun(name, config, args, seed) for name, config in configs.items()}
+        runs = {name: _StudyRun(name, config, args, seed, options[name]) for name, config in configs.items()}
         generator = torch.Generator().manual_seed(seed)
         order = torch.cat([torch.randperm(len(train_BL), generator=generator)
                            for _ in range(math.ceil(args.steps * args.batch_size / len(train_BL)))])
@@ -917,11 +979,17 @@ def _seed_result(seed: int, runs: dict, baseline: str, args: StudyArguments) -> 
     for name, run in runs.items():
         reached = steps_to_reach(run.eval_loss, target)
         seconds = _seconds_at(run, reached) if reached is not None else None
+        shares = expert_shares(run.loads[-1][1]) if run.loads else None
         models[name] = {
             "final_eval_loss": run.eval_loss[-1][1],
             "eval_loss": run.eval_loss,
             "train_loss": run.train_loss,
             "load_imbalance": run.imbalance,
+            "expert_loads": run.loads,
+            # over the last evaluation window (the last `eval_every` steps), as multiples of the uniform share
+            "final_expert_shares": shares,
+            "final_min_share": min(min(layer) for layer in shares) if shares else None,
+            "final_max_share": max(max(layer) for layer in shares) if shares else None,
             "train_seconds": run.seconds,
             "seconds_per_step": run.seconds / args.steps,
             "steps_to_target": reached,
@@ -961,9 +1029,10 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
         f"{corpus['eval_tokens_used']:,} validation tokens used ({corpus['validation_chapters']} held-out chapters); "
         f"{args.steps} steps x {args.batch_size} x {args.block_size} tokens, seeds {[r['seed'] for r in per_seed]}.",
         "",
-        "| model | params | active params | final val loss | steps to dense final (x dense) | time to dense final "
-        "(x dense) | s/step | final imbalance (max/mean) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | params | active params | final val loss | steps to {baseline} final (x {baseline}) | time to "
+        f"{baseline} final (x {baseline}) | s/step | final imbalance (max/mean) | min expert share, last "
+        f"{args.eval_every} steps (x uniform) | max expert share (x uniform) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in configs:
         rows = [r["models"][name] for r in per_seed]
@@ -973,18 +1042,22 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
         missed = sum(m["step_ratio"] is None for m in rows)
         note = f" ({missed} of {len(rows)} never reached)" if missed else ""
         imbalance = [m["load_imbalance"][-1][1] for m in rows if m["load_imbalance"]]
+        min_share = [m["final_min_share"] for m in rows if m.get("final_min_share") is not None]
+        max_share = [m["final_max_share"] for m in rows if m.get("final_max_share") is not None]
         lines.append(
             f"| {name} | {shapes[name]['params'] / 1e6:.2f}M | {shapes[name]['active_params'] / 1e6:.2f}M | "
             f"{_mean_std(finals)} | {_mean_std(step_ratios)}{note} | {_mean_std(time_ratios)}{note} | "
-            f"{_mean_std([m['seconds_per_step'] for m in rows])} | {_mean_std(imbalance)} |"
+            f"{_mean_std([m['seconds_per_step'] for m in rows])} | {_mean_std(imbalance)} | {_mean_std(min_share)} | "
+            f"{_mean_std(max_share)} |"
         )
-    lines += ["", "Per seed (steps to target / time to target as fractions of the dense run):", ""]
+    lines += ["", f"Per seed (steps to target / time to target as fractions of the {baseline} run):", ""]
     for r in per_seed:
         cells = ", ".join(
             f"{n}: final {m['final_eval_loss']:.4f}, steps {_fmt(m['step_ratio'])}, time {_fmt(m['time_ratio'])}"
+            + (f", min share {m['final_min_share']:.2f}" if m.get("final_min_share") is not None else "")
             for n, m in r["models"].items() if n != baseline
         )
-        lines.append(f"- seed {r['seed']}: dense final {r['target']:.4f}; {cells}")
+        lines.append(f"- seed {r['seed']}: {baseline} final {r['target']:.4f}; {cells}")
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     result["table"] = table
@@ -1006,6 +1079,7 @@ def _fmt(value: float | None) -> str:
 
 
 __all__ = [
+    "BALANCED_ROUTER",
     "DataTrainingArguments",
     "ModelArguments",
     "PretrainingTrainer",
@@ -1014,6 +1088,7 @@ __all__ = [
     "steps_to_reach",
     "apply_config_overrides",
     "build_config",
+    "expert_shares",
     "load_raw_datasets",
     "main",
     "training_blocks",
