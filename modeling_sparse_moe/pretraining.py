@@ -368,6 +368,15 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     return raw
 
 
+def _first_chars(dataset, column: str, max_chars: int):
+    total = 0
+    for i, text in enumerate(dataset[column]):
+        total += len(text)
+        if total >= max_chars:
+            return dataset.select(range(i + 1))
+    return dataset
+
+
 def _column_names(dataset) -> list[str]:
     if dataset.column_names is not None:
         return list(dataset.column_names)

@@ -233,6 +233,12 @@ def test_streaming_holds_out_texts_without_a_validation_split(paragraphs, tmp_pa
     raw = load_raw_datasets(args)
     assert [row["text"] for row in raw["validation"]] == [t for i, t in enumerate(texts) if i % 100 < 5]
     assert [row["text"] for row in raw["train"]] == [t for i, t in enumerate(texts) if i % 100 >= 5]
+    # the default corpus cut by --max_corpus_chars: the same chapters streamed or not
+    cut = {streaming: load_raw_datasets(DataTrainingArguments(max_corpus_chars=300_000, streaming=streaming))
+           for streaming in (False, True)}
+    assert sorted(row["text"] for split in cut[True].values() for row in split) == sorted(
+        row["text"] for split in cut[False].values() for row in split)
+    assert len(load_bible_corpus(max_chars=300_000)) == sum(len(split) for split in cut[False].values()) == 79
 
 
 def _stream_argv(train, output_dir, *extra):
