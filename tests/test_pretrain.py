@@ -201,11 +201,13 @@ def paragraphs():
 def test_streaming_packs_the_same_blocks_in_the_same_order(paragraphs, tmp_path):
     """Over 2,300 texts (three batches of `map`, the last partial), the stream's blocks are the in-memory blocks."""
     from modeling_sparse_moe.data import train_tokenizer
-    from modeling_sparse_moe.pretraining import DataTrainingArguments, load_raw_datasets, tokenize_and_pack, training_blocks
+    from modeling_sparse_moe.pretraining import (
+        DataTrainingArguments, load_raw_datasets, tokenize_and_pack, training_blocks)
     from transformers import TrainingArguments
 
     assert len(paragraphs) > 2_400
-    train, validation = _jsonl(tmp_path / "train.jsonl", paragraphs[:2_300]), _jsonl(tmp_path / "val.jsonl", paragraphs[2_300:2_400])
+    train = _jsonl(tmp_path / "train.jsonl", paragraphs[:2_300])
+    validation = _jsonl(tmp_path / "val.jsonl", paragraphs[2_300:2_400])
     tokenizer = train_tokenizer(paragraphs[:300], vocab_size=300)
     blocks = {}
     for streaming in (False, True):
