@@ -368,6 +368,15 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     return raw
 
 
+def _first_chars(dataset, column: str, max_chars: int):
+    total = 0
+    for i, text in enumerate(dataset[column]):
+        total += len(text)
+        if total >= max_chars:
+            return dataset.select(range(i + 1))
+    return dataset
+
+
 def _column_names(dataset) -> list[str]:
     if dataset.column_names is not None:
         return list(dataset.column_names)
@@ -416,7 +425,8 @@ def tokenize_and_pack(raw, tokenizer, block_size: int, data_args: DataTrainingAr
     context = first(desc="dataset map tokenization") if first is not None else _null_context()
     with context:
         texts = raw.select_columns([column])
-        tokenized = texts.map(tokenize, batched=True, remove_columns=[column], **options("Running tokenizer on dataset"))
+        tokenized = texts.map(tokenize, batched=True, remove_columns=[column],
+                              **options("Running tokenizer on dataset"))
         packed = tokenized.map(group_texts, batched=True, **options(f"Grouping texts in chunks of {block_size}"))
     return packed
 
@@ -461,7 +471,8 @@ def training_blocks(raw, tokenizer, block_size: int, data_args: DataTrainingArgu
         # when nothing is left). One endless stream makes the skip exact in every pass.
         train_dataset = train_dataset.repeat(None)
         if data_args.streaming_shuffle_buffer > 0:  # after repeat: the buffer keeps mixing, so each pass differs
-            train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.streaming_shuffle_buffer)
+            train_dataset = train_dataset.shuffle(seed=training_args.seed,
+                                                  buffer_size=data_args.streaming_shuffle_buffer)
     return train_dataset, eval_dataset
 
 
@@ -478,7 +489,8 @@ def _num_rows(dataset, trainer=None) -> int | str:
     if trainer is None:
         return "streamed"
     args = trainer.args
-    return trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return trainer.state.global_step * per_step
 
 
 class _null_context:

@@ -201,11 +201,13 @@ def paragraphs():
 def test_streaming_packs_the_same_blocks_in_the_same_order(paragraphs, tmp_path):
     """Over 2,300 texts (three batches of `map`, the last partial), the stream's blocks are the in-memory blocks."""
     from modeling_sparse_moe.data import train_tokenizer
-    from modeling_sparse_moe.pretraining import DataTrainingArguments, load_raw_datasets, tokenize_and_pack, training_blocks
+    from modeling_sparse_moe.pretraining import (
+        DataTrainingArguments, load_raw_datasets, tokenize_and_pack, training_blocks)
     from transformers import TrainingArguments
 
     assert len(paragraphs) > 2_400
-    train, validation = _jsonl(tmp_path / "train.jsonl", paragraphs[:2_300]), _jsonl(tmp_path / "val.jsonl", paragraphs[2_300:2_400])
+    train = _jsonl(tmp_path / "train.jsonl", paragraphs[:2_300])
+    validation = _jsonl(tmp_path / "val.jsonl", paragraphs[2_300:2_400])
     tokenizer = train_tokenizer(paragraphs[:300], vocab_size=300)
     blocks = {}
     for streaming in (False, True):
@@ -233,6 +235,12 @@ def test_streaming_holds_out_texts_without_a_validation_split(paragraphs, tmp_pa
     raw = load_raw_datasets(args)
     assert [row["text"] for row in raw["validation"]] == [t for i, t in enumerate(texts) if i % 100 < 5]
     assert [row["text"] for row in raw["train"]] == [t for i, t in enumerate(texts) if i % 100 >= 5]
+    # the default corpus cut by --max_corpus_chars: the same chapters streamed or not
+    cut = {streaming: load_raw_datasets(DataTrainingArguments(max_corpus_chars=300_000, streaming=streaming))
+           for streaming in (False, True)}
+    assert sorted(row["text"] for split in cut[True].values() for row in split) == sorted(
+        row["text"] for split in cut[False].values() for row in split)
+    assert len(load_bible_corpus(max_chars=300_000)) == sum(len(split) for split in cut[False].values()) == 79
 
 
 def _stream_argv(train, output_dir, *extra):
