@@ -386,7 +386,7 @@ def _evaluate_train_predict(trainer, predict, raw, data_args, training_args, las
     """What both QA modes do around training: score the validation split before and after, then the test split.
     `predict(split, desc)` returns (predictions by id, scores)."""
     result: dict = {}
-    if training_args.do_eval:
+    if training_args.do_eval and training_args.do_train:  # without training, "after" is the same model
         _, scores = predict("validation", "eval before")
         result.update({f"eval_{k}_before": v for k, v in scores.items() if k in ("exact_match", "f1")})
     if training_args.do_train:

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
     unwrapped.generation_config = generation_config
 
-    if training_args.do_eval and generate:
+    if training_args.do_eval and generate and training_args.do_train:  # without training, "after" is the same model
         scores, _ = translate_and_score(model, tokenizer, raw["validation"], data_args, generation_config, "eval before")
         result.update({f"eval_{k}_before": v for k, v in scores.items()})
         logger.info("before training: %s", scores)
