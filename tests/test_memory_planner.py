@@ -47,7 +47,9 @@ def test_nf4_layout_equals_bitsandbytes_tensors():
     functional = pytest.importorskip("bitsandbytes.functional")
     weight = torch.randn(48, 64)
     for double_quant in (False, True):
-        packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        packed, state = functional.quantize_4bit(
+            weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant
+        )
         real = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
         if double_quant:
             real += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4  # + the fp32 offset
@@ -72,7 +74,8 @@ def test_lora_count_equals_peft_trainable_parameters():
 
 def test_hub_mixtral_config_json_plans_like_the_real_mixtral(tmp_path):
     hf_config = MixtralConfig(vocab_size=101, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, max_position_embeddings=64)
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                              max_position_embeddings=64)
     hf_config.save_pretrained(tmp_path)
     plan = plan_memory(str(tmp_path / "config.json"))
     real = MixtralForCausalLM(hf_config).to(torch.bfloat16)
