@@ -4,8 +4,7 @@ trainable parameters; Hub-style Mixtral config.json files plan like the real Mix
 their published sizes."""
 
 import copy
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -98,14 +97,16 @@ def test_shipped_big_configs_have_their_published_sizes():
     assert olmoe.fits(olmoe.qlora.total)[24]
 
 
-def test_cli_prints_tables_and_refuses_unknown_configs(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "plan_memory.py"
-    out = subprocess.run([sys.executable, str(script), "tiny", "--json", str(tmp_path / "p.json")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| nf4 |" in out.stdout and (tmp_path / "p.json").is_file()
-    bad = subprocess.run([sys.executable, str(script), "no-such-config"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: 'no-such-config' is neither")
+def test_cli_prints_tables_and_refuses_unknown_configs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "plan_memory_script", Path(__file__).resolve().parents[1] / "scripts" / "plan_memory.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["tiny", "--json", str(tmp_path / "p.json")]) == 0
+    assert "| nf4 |" in capsys.readouterr().out and (tmp_path / "p.json").is_file()
+    assert script.main(["no-such-config"]) == 1
+    assert capsys.readouterr().err.startswith("error: 'no-such-config' is neither")
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
