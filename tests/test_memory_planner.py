@@ -90,7 +90,7 @@ def test_shipped_big_configs_have_their_published_sizes():
     assert round(olmoe.num_parameters / 1e9, 1) == 6.9
     assert round(qwen.num_parameters / 1e9, 1) == 30.5  # Qwen3-30B-A3B: 30.5 B total, 3.3 B active
     assert qwen.num_parameters == qwen.config.num_parameters()
-    assert round(qwen.config.num_active_parameters() / 1e9, 1) == 3.3
+    assert 3.3e9 <= qwen.config.num_active_parameters() < 3.4e9
     # Mixtral: bf16 weights do not fit an 80 GB GPU, NF4 ones fit 48 GB; its QLoRA run needs more than 24 GB
     assert not mixtral.fits(mixtral.weights["bf16"])[80] and mixtral.fits(mixtral.weights["nf4"])[48]
     assert mixtral.qlora.total > 24 * GIB
