@@ -259,7 +259,8 @@ def _is_quantized(module: nn.Module) -> bool:
     if torch.nn.utils.parametrize.is_parametrized(module):  # e.g. bitsandbytes' 4-bit parametrization
         return True
     tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    return any(type(t).__name__ in ("Params4bit", "Int8Params") or t.dtype in (torch.int8, torch.uint8) for t in tensors)
+    return any(type(t).__name__ in ("Params4bit", "Int8Params") or t.dtype in (torch.int8, torch.uint8)
+               for t in tensors)
 
 
 def quantize_experts_int8(model: nn.Module, shared_experts: bool = True, linears: bool = False,
@@ -285,12 +286,14 @@ def quantize_experts_int8(model: nn.Module, shared_experts: bool = True, linears
         if shared_experts and getattr(block, "shared_experts", None) is not None:
             targets += [(block.shared_experts, name, child) for name, child in block.shared_experts.named_children()]
     if linears:
+        shared = {block.shared_experts for block in blocks}
         for module in model.modules():
-            if type(module).__name__.endswith(("Attention", "MLP")) and module not in {b.shared_experts for b in blocks}:
+            if type(module).__name__.endswith(("Attention", "MLP")) and module not in shared:
                 targets += [(module, name, child) for name, child in module.named_children()]
     if lm_head and getattr(model, "lm_head", None) is not None:
         if model.config.tie_word_embeddings:
-            raise ValueError("lm_head=True needs untied embeddings: the head shares its weight with the input embeddings.")
+            raise ValueError("lm_head=True needs untied embeddings: the head shares its weight with the input "
+                             "embeddings; quantize without lm_head=True.")
         targets.append((model, "lm_head", model.lm_head))
     for parent, name, child in targets:
         if isinstance(child, nn.Linear):

@@ -270,8 +270,8 @@ class MemoryPlan:
                       "fits: " + ", ".join(f"{s} GB {'yes' if fits[s] else 'no'}" for s in sizes)]
             if self.qlora_float_experts_total is not None:
                 other = self.qlora_float_experts_total
-                lines.append(f"the same run with the experts left unquantized (bitsandbytes alone), upcast like the other "
-                             f"non-4-bit weights: {other / GIB:.2f} GiB; fits: "
+                lines.append(f"the same run with the experts left unquantized (bitsandbytes alone), upcast like the "
+                             f"other non-4-bit weights: {other / GIB:.2f} GiB; fits: "
                              + ", ".join(f"{s} GB {'yes' if other <= s * GIB else 'no'}" for s in sizes))
         lines += self.notes
         return "\n".join(lines)

@@ -8,7 +8,8 @@ eager and compiled, and (with a pretrained model) validation perplexity on held-
 Variants: `fp32` (the model as loaded), `int8` (`quantize_experts_int8(model)`: routed and shared experts) and
 `int8+linears` (`quantize_experts_int8(model, linears=True, lm_head=True)`: attention projections and the output
 head as well). Shape without `--model_name_or_path`: the quickstart's "small" model (configs/demo with 4 layers and
-vocab 4096: 4 x 256, 8 experts x 512, top-2), or `--config_name demo` (6 layers, vocab 8192). Compiled decode is
+vocab 4096: 4 x 256, 8 experts x 512, top-2), `--config_name demo` (6 layers, vocab 8192) or `--config_name bench`
+(scripts/bench_model.py's shape: 4 x 512, 8 experts x 1408, vocab 8192). Compiled decode is
 `generate(cache_implementation="static")` with a `CompileConfig` that compiles the decode step on CPU too (as
 scripts/bench_compile.py); compiled prefill is `torch.compile(model, dynamic=False)`. Timed calls are interleaved
 over the variants of a measure (median of `--repeats`), and each is timed twice: wall clock, and the process's CPU
@@ -42,6 +43,9 @@ from modeling_sparse_moe.int8_experts import quantize_experts_int8  # noqa: E402
 SHAPES = {
     "small": ("demo", dict(num_hidden_layers=4, vocab_size=4096, max_position_embeddings=512)),  # the quickstart's
     "demo": ("demo", dict(max_position_embeddings=512)),
+    # scripts/bench_model.py's shape: wider experts, so they make most of a decode step's weight bytes
+    "bench": ("demo", dict(num_hidden_layers=4, hidden_size=512, head_dim=64, moe_intermediate_size=1408,
+                           intermediate_size=1408, vocab_size=8192, max_position_embeddings=512)),
     "quick": ("demo", dict(num_hidden_layers=2, vocab_size=2048, max_position_embeddings=512)),
 }
 VARIANTS = {
@@ -141,7 +145,8 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 16) -> float:
         for start in range(0, blocks.shape[0], batch):
             ids = blocks[start : start + batch]
             logits = model(input_ids=ids).logits[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            targets = ids[:, 1:].reshape(-1)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum").item()
             count += ids[:, 1:].numel()
     return math.exp(total / count)
 
@@ -210,8 +215,8 @@ def print_table(report: dict, args) -> None:
         print(f"| {name} | {size / 2**20:.1f} | {report['max_logit_diff'][name]:.2e} | {cells[0]} | {cells[1]} |")
     if ppl:
         print(f"\nperplexity on {ppl['blocks']} held-out blocks x {ppl['block_size']} tokens")
-    print(f"decode: batch 1, {args.prompt}-token prompt + {args.new_tokens} greedy tokens; prefill: 1 x {args.prefill}; "
-          f"fp32 activations, {args.threads} threads, median of {args.repeats}")
+    print(f"decode: batch 1, {args.prompt}-token prompt + {args.new_tokens} greedy tokens; "
+          f"prefill: 1 x {args.prefill}; fp32 activations, {args.threads} threads, median of {args.repeats}")
 
 
 def main(argv=None) -> dict:

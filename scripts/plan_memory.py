@@ -2,7 +2,7 @@
 for any model config, computed from the model's own tensor shapes on the meta device (no weights, no GPU).
 
     python scripts/plan_memory.py mixtral-8x7b olmoe-1b-7b qwen3-30b-a3b     # shipped configs, by name
-    python scripts/plan_memory.py path/to/Mixtral-8x7B-v0.1/config.json     # a Hub config.json (Mixtral, Qwen-MoE, OLMoE)
+    python scripts/plan_memory.py path/to/Mixtral-8x7B-v0.1/config.json     # Hub config.json: Mixtral, Qwen-MoE, OLMoE
     python scripts/plan_memory.py demo --lora_r 64 --lora_target attention,experts --per_device_train_batch_size 4 \
         --block_size 1024 --double_quant --json plan.json
 

@@ -155,7 +155,8 @@ def _int8_relative_tolerance(model: SparseMoEForCausalLM, sequential_products: i
     worst = 0.0
     for module in model.modules():
         if isinstance(module, Int8Experts):
-            for q, scale in ((module.gate_up_proj, module.gate_up_proj_scale), (module.down_proj, module.down_proj_scale)):
+            pairs = ((module.gate_up_proj, module.gate_up_proj_scale), (module.down_proj, module.down_proj_scale))
+            for q, scale in pairs:
                 rms = dequantize_per_channel(q, scale).pow(2).mean(dim=-1).sqrt()
                 worst = max(worst, (scale / (math.sqrt(12) * rms)).max().item())
     return 3 * sequential_products * worst
