@@ -432,3 +432,22 @@ def test_recipe_qlora_adapts_the_4bit_experts_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="--lora_r"):
         translation.main(["--config_name", "configs/tiny", "--offline_corpus", "country_names", "--output_dir",
                           str(tmp_path / "full"), "--do_train", "--load_in_4bit", "--max_steps", "1"])
+
+
+@pytest.mark.slow
+def test_bench_quant_quick_reports_every_section(tmp_path):
+    """scripts/bench_quant.py at smoke size: the exact parts of its report (timings are the script's business)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_quant.py"
+    out = tmp_path / "quant.json"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--no-rss", "--json", str(out), "--work-dir",
+                             str(tmp_path / "work")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["memory_demo"]["experts_ratio"] <= 0.30
+    assert set(report["variants"]) == {"fp32", "nf4"}
+    assert report["variants"]["nf4"]["footprint_bytes"] < 0.6 * report["variants"]["fp32"]["footprint_bytes"]
+    assert all(len(curve) == 6 for curve in report["qlora"]["loss_curves"].values())
