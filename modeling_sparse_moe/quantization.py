@@ -520,24 +520,25 @@ def _param_wrapper_4bit_class():
 
 
 def _lora_factory(target, adapter_name, config=None, parameter_name=None, **kwargs):
-    ParamWrapper = importlib.import_module("peft.tuners.lora.layer").ParamWrapper
+    """PEFT custom-module hook: `ParamWrapper4bit` for packed experts, `None` (PEFT's own dispatch) for anything else."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if not is_quantized_experts(base):
+        return None
     if parameter_name is None:
         raise ValueError(
-            "LoRA on SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
+            "LoRA on 4-bit SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
             "'experts.down_proj'] (not target_modules=['experts'])"
         )
-    cls = _param_wrapper_4bit_class() if is_quantized_experts(base) else ParamWrapper
-    return cls(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+    return _param_wrapper_4bit_class()(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
 
 
 def with_quantized_experts(lora_config):
     """Register LoRA for 4-bit experts on a `peft.LoraConfig` (returns it): `target_parameters=
-    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Experts in full
-    precision get PEFT's own `ParamWrapper`, as without this call."""
-    from .modeling_sparse_moe import SparseMoEExperts
-
-    lora_config._register_custom_module({SparseMoEExperts: _lora_factory})
+    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Everything else
+    (full-precision experts, linear layers) gets PEFT's own layers, as without this call."""
+    # NOTE: keyed on nn.Module and decided by duck typing (`quant_spec`), not on our class: a model loaded through
+    # Hub remote code has its own copy of SparseMoEExperts, which an isinstance check against this package's would miss.
+    lora_config._register_custom_module({nn.Module: _lora_factory})
     return lora_config
 
 
