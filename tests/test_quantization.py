@@ -195,22 +195,34 @@ def test_from_config_and_quantize_model_equals_the_standard_door(fp_folder, fp_m
     assert_fp32_close(logits(quantized), logits(loaded))
 
 
-def test_converted_checkpoint_loads_quantized(tmp_path):
-    """A Mixtral checkpoint converted by conversion.from_hf, loaded with a 4-bit config."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+FAMILIES = {  # one MoE layer of width 64 each; Qwen2-MoE adds a gated shared expert
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=64, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128, num_experts=4)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=64, num_experts=4)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_converted_checkpoint_loads_quantized(tmp_path, family):
+    """A Mixtral / Qwen2-MoE / OLMoE checkpoint converted by conversion.from_hf, loaded with a 4-bit config: experts
+    (and the shared expert) quantized, logits within NF4's error of the source model's."""
+    import transformers
 
     from modeling_sparse_moe.conversion import from_hf
 
+    config_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(0)
-    mixtral = MixtralForCausalLM(MixtralConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=1, initializer_range=0.02, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-    ))
-    mixtral.save_pretrained(tmp_path / "mixtral")
-    from_hf(tmp_path / "mixtral").save_pretrained(tmp_path / "converted")
+    source = getattr(transformers, model_name)(getattr(transformers, config_name)(
+        vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_experts_per_tok=2, initializer_range=0.02, **extra,
+    )).eval()
+    from_hf(source).save_pretrained(tmp_path / "converted")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", quantization_config=bnb_config())
     assert all(is_quantized_experts(m) for m in experts_modules(model))
-    reference = logits(mixtral)
+    shared = model.model.layers[0].mlp.shared_experts
+    assert shared is None or isinstance(shared.up_proj, bnb.nn.Linear4bit)
+    reference = logits(source)
     assert (logits(model) - reference).norm() / reference.norm() < 0.15
 
 
