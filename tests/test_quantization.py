@@ -406,7 +406,12 @@ def test_to_hf_refuses_a_quantized_model_or_dequantizes_on_request(fp_folder, tm
             to_hf(source, family="mixtral")
     mixtral = to_hf(model, family="mixtral", dequantize=True).eval()
     assert is_quantized_experts(experts_modules(model)[0])  # the 4-bit model itself is left as it was
-    assert_fp32_close(logits(mixtral), logits(model))
+    before = logits(model)
+    assert_fp32_close(logits(mixtral), before)
+    model.dequantize()  # transformers' API: the experts are unpacked too, the quantization records removed
+    assert not any(is_quantized_experts(m) or isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert not hasattr(model.config, "quantization_config") and not hasattr(model.config, "expert_quantization")
+    assert_fp32_close(logits(model), before)
 
 
 # --------------------------------------------------------------------------------------------------- bad input
