@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import math
 
 import torch
@@ -43,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when experts are quantized
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -224,7 +222,7 @@ def dequantize_experts(experts: nn.Module, name: str, dtype: torch.dtype | None 
 
 def expert_bytes(experts: nn.Module) -> int:
     """Bytes the expert weights occupy (packed codes, scales and code books when quantized)."""
-    tensors = [p for n, p in experts.named_parameters(recurse=False) if n in EXPERT_PARAMS or n.startswith(EXPERT_PARAMS)]
+    tensors = [p for n, p in experts.named_parameters(recurse=False) if n.startswith(EXPERT_PARAMS)]
     tensors += [b for n, b in experts.named_buffers(recurse=False) if n.startswith(EXPERT_PARAMS)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -254,7 +252,8 @@ def quantized_experts_forward(
     compute_dtype = _dtype(experts.quant_spec["compute_dtype"])
     lora = getattr(experts, "_lora_factors", None) or {}
     device_type = hidden_states.device.type
-    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext():
+    autocast = torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         x_TD = hidden_states.to(compute_dtype)
         plan = plan_dispatch(top_k_index, experts.num_experts)
         weights_A = top_k_weights.reshape(-1).float()
@@ -336,7 +335,7 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
     if config is not None and getattr(config, CONFIG_KEY, None):
         raise ValueError(
             "this model's experts are already quantized (config.expert_quantization is set); quantize the "
-            "full-precision model instead, or dequantize it first with modeling_sparse_moe.quantization.dequantize_model"
+            "full-precision model instead, or dequantize it first (model.dequantize())"
         )
     skip = _skip_patterns(quantization_config)
     targets = [(name, m) for name, m in _experts_modules(model) if _should_quantize(name, skip)]
@@ -384,9 +383,10 @@ def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
             continue
         device = linear.weight.device
         new.weight = bnb.nn.Params4bit(
-            linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-            quant_type=quantization_config.bnb_4bit_quant_type, quant_storage=quantization_config.bnb_4bit_quant_storage,
-            module=new,
+            linear.weight.data.to("cpu"), requires_grad=False, module=new,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_type=quantization_config.bnb_4bit_quant_type,
+            quant_storage=quantization_config.bnb_4bit_quant_storage,
         ).to(device)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -520,7 +520,7 @@ def _param_wrapper_4bit_class():
 
 
 def _lora_factory(target, adapter_name, config=None, parameter_name=None, **kwargs):
-    """PEFT custom-module hook: `ParamWrapper4bit` for packed experts, `None` (PEFT's own dispatch) for anything else."""
+    """PEFT custom-module hook: `ParamWrapper4bit` for packed experts, `None` (PEFT's dispatch) for anything else."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
     if not is_quantized_experts(base):
         return None

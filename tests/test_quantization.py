@@ -79,7 +79,8 @@ def test_bitsandbytes_repacking_switch_is_off(fp_folder):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, tmp_path, double_quant):
-    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_use_double_quant=double_quant))
+    quantization_config = bnb_config(bnb_4bit_use_double_quant=double_quant)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=quantization_config)
     before = logits(model)
     model.state_dict()
     model.state_dict()
@@ -89,7 +90,8 @@ def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, t
     if double_quant:  # the Trainer part once: the switch, not the format, is what keeps the logits
         return
     peft_model = peft.get_peft_model(
-        model, with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"]))
+        model,
+        with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"])),
     ).eval()
     before = logits(peft_model)
     # learning rate 0: the two steps leave the adapters as they were, so only the checkpoint saves could move the logits
@@ -102,11 +104,12 @@ def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, t
     torch.testing.assert_close(logits(peft_model.eval()), before, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16 CPUs")
 def test_trap_exists_without_the_switch(fp_folder):
     """Control: with bitsandbytes' own choice restored, state_dict() changes the logits on this CPU (the cause,
     see quantization.disable_cpu_weight_repacking); our models never run that way."""
-    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_use_double_quant=False))
+    quantization_config = bnb_config(bnb_4bit_use_double_quant=False)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=quantization_config)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
@@ -135,7 +138,8 @@ def test_load_in_4bit_quantizes_every_expert(fp_folder, fp_model, quant_type):
     # NF4 with fp32 block scales every 64 weights: 0.5 + 4/64 bytes per weight against 2 in bf16, plus double-quant
     # savings: at most 0.30x
     fp_experts = experts_modules(fp_model)[0]
-    ratio = expert_bytes(experts_modules(model)[0]) / (fp_experts.gate_up_proj.numel() + fp_experts.down_proj.numel()) / 2
+    bf16_bytes = 2 * (fp_experts.gate_up_proj.numel() + fp_experts.down_proj.numel())
+    ratio = expert_bytes(experts_modules(model)[0]) / bf16_bytes
     assert 0.25 <= ratio <= 0.30
     assert model.get_memory_footprint() < 0.5 * fp_model.get_memory_footprint()
 
@@ -173,7 +177,8 @@ def test_logits_close_to_full_precision(fp_folder, fp_model):
     fp_weights = dict(fp_model.named_parameters())
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            pairs = [(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), fp_weights[f"{name}.weight"])]
+            dequantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            pairs = [(dequantized, fp_weights[f"{name}.weight"])]
         elif name.endswith("mlp.experts"):
             pairs = [(dequantize_experts(module, p), fp_weights[f"{name}.{p}"]) for p in ("gate_up_proj", "down_proj")]
         else:
@@ -254,8 +259,8 @@ def _lora_pair(implementation):
 
 
 def _assert_same_lora_grads(q_model, r_model, expected: int):
-    q_grads = {n: p.grad for n, p in q_model.named_parameters() if p.requires_grad and "experts" in n and p.grad is not None}
-    r_grads = {n: p.grad for n, p in r_model.named_parameters() if p.requires_grad and "experts" in n and p.grad is not None}
+    q_grads = {n: p.grad for n, p in q_model.named_parameters() if "experts" in n and p.grad is not None}
+    r_grads = {n: p.grad for n, p in r_model.named_parameters() if "experts" in n and p.grad is not None}
     assert q_grads.keys() == r_grads.keys() and len(q_grads) == expected
     for name in q_grads:
         assert q_grads[name].abs().sum() > 0
@@ -305,7 +310,8 @@ def test_only_experts_with_rows_are_dequantized(monkeypatch):
     quantized, _ = _routed_models(num_experts=8, capacity_factor=None, implementation="sparse_moe")
     calls = []
     original = quantization.dequantize_expert
-    monkeypatch.setattr(quantization, "dequantize_expert", lambda m, n, e, d=None: calls.append(e) or original(m, n, e, d))
+    counting = lambda m, n, e, d=None: calls.append(e) or original(m, n, e, d)  # noqa: E731
+    monkeypatch.setattr(quantization, "dequantize_expert", counting)
     logits(quantized, ids(batch=1, seq=1))  # one token, top-2: two experts per layer
     assert len(calls) == 2 * 2 * 2  # 2 layers x 2 experts x 2 projections
 
@@ -391,7 +397,8 @@ def test_hub_folder_of_a_quantized_model_loads_in_a_fresh_process(tmp_path):
     enc = tokenizer([text], return_tensors="pt")
     reference = logits(model, enc["input_ids"])
     result = run_fresh_process(
-        [{"auto_class": "AutoModelForCausalLM", "source": str(folder), "texts": [text], "generate": None}], tmp_path / "fresh"
+        [{"auto_class": "AutoModelForCausalLM", "source": str(folder), "texts": [text], "generate": None}],
+        tmp_path / "fresh",
     )
     torch.testing.assert_close(torch.tensor(result["jobs"][0]["logits"]), reference, rtol=0, atol=0)
 
