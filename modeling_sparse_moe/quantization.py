@@ -337,6 +337,13 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
             "this model's experts are already quantized (config.expert_quantization is set); quantize the "
             "full-precision model instead, or dequantize it first (model.dequantize())"
         )
+    implementation = getattr(config, "_experts_implementation", None)
+    if implementation not in (None, "eager", "sparse_moe"):
+        raise ValueError(
+            f"experts_implementation={implementation!r} cannot read 4-bit experts (it multiplies the stored tensors "
+            "as they are): use the default 'sparse_moe' (or 'eager'), e.g. from_pretrained(..., "
+            "experts_implementation='sparse_moe')"
+        )
     skip = _skip_patterns(quantization_config)
     targets = [(name, m) for name, m in _experts_modules(model) if _should_quantize(name, skip)]
     if blocksize is None:

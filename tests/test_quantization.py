@@ -426,6 +426,10 @@ def test_bad_input_is_refused_clearly(fp_model, fp_folder, tmp_path):
     with pytest.raises(ValueError, match="does not divide the expert width"):
         quantize_experts(copy.deepcopy(fp_model), bnb_config(), blocksize=256)
     assert not any(is_quantized_experts(m) for m in experts_modules(fp_model))  # nothing half-done
+    grouped = copy.deepcopy(fp_model)
+    grouped.config._experts_implementation = "grouped_mm"
+    with pytest.raises(ValueError, match="cannot read 4-bit experts"):
+        quantize_experts(grouped, bnb_config())
     quantized = quantize_experts(copy.deepcopy(fp_model), bnb_config())
     with pytest.raises(ValueError, match="already quantized"):
         quantize_experts(quantized, bnb_config())
