@@ -45,6 +45,7 @@ from .configuration_sparse_moe import SparseMoEConfig
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 from .quantization import (
     after_from_pretrained,
+    dequantize_model,
     is_quantized_experts,
     prepare_quantized_layout,
     quantized_experts_forward,
@@ -758,6 +759,12 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(*args, **kwargs)
         after_from_pretrained(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded
+
+    def dequantize(self, dtype=None):
+        # NOTE: transformers' bitsandbytes dequantization unpacks Linear4bit layers only; this unpacks the experts too.
+        if getattr(self, "hf_quantizer", None) is None and not getattr(self.config, "expert_quantization", None):
+            raise ValueError("You need to first quantize your model in order to dequantize it")
+        return dequantize_model(self, dtype)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # NOTE: transformers writes the `auto_map` entry of the saved class only, so a folder saved from the causal LM

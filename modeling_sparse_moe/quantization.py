@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import math
 
 import torch
@@ -43,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-logger = logging.getLogger(__name__)
 
 CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when experts are quantized
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -224,7 +222,7 @@ def dequantize_experts(experts: nn.Module, name: str, dtype: torch.dtype | None 
 
 def expert_bytes(experts: nn.Module) -> int:
     """Bytes the expert weights occupy (packed codes, scales and code books when quantized)."""
-    tensors = [p for n, p in experts.named_parameters(recurse=False) if n in EXPERT_PARAMS or n.startswith(EXPERT_PARAMS)]
+    tensors = [p for n, p in experts.named_parameters(recurse=False) if n.startswith(EXPERT_PARAMS)]
     tensors += [b for n, b in experts.named_buffers(recurse=False) if n.startswith(EXPERT_PARAMS)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -254,7 +252,8 @@ def quantized_experts_forward(
     compute_dtype = _dtype(experts.quant_spec["compute_dtype"])
     lora = getattr(experts, "_lora_factors", None) or {}
     device_type = hidden_states.device.type
-    with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext():
+    autocast = torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         x_TD = hidden_states.to(compute_dtype)
         plan = plan_dispatch(top_k_index, experts.num_experts)
         weights_A = top_k_weights.reshape(-1).float()
@@ -336,7 +335,14 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
     if config is not None and getattr(config, CONFIG_KEY, None):
         raise ValueError(
             "this model's experts are already quantized (config.expert_quantization is set); quantize the "
-            "full-precision model instead, or dequantize it first with modeling_sparse_moe.quantization.dequantize_model"
+            "full-precision model instead, or dequantize it first (model.dequantize())"
+        )
+    implementation = getattr(config, "_experts_implementation", None)
+    if implementation not in (None, "eager", "sparse_moe"):
+        raise ValueError(
+            f"experts_implementation={implementation!r} cannot read 4-bit experts (it multiplies the stored tensors "
+            "as they are): use the default 'sparse_moe' (or 'eager'), e.g. from_pretrained(..., "
+            "experts_implementation='sparse_moe')"
         )
     skip = _skip_patterns(quantization_config)
     targets = [(name, m) for name, m in _experts_modules(model) if _should_quantize(name, skip)]
@@ -384,9 +390,10 @@ def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
             continue
         device = linear.weight.device
         new.weight = bnb.nn.Params4bit(
-            linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=quantization_config.bnb_4bit_use_double_quant,
-            quant_type=quantization_config.bnb_4bit_quant_type, quant_storage=quantization_config.bnb_4bit_quant_storage,
-            module=new,
+            linear.weight.data.to("cpu"), requires_grad=False, module=new,
+            compress_statistics=quantization_config.bnb_4bit_use_double_quant,
+            quant_type=quantization_config.bnb_4bit_quant_type,
+            quant_storage=quantization_config.bnb_4bit_quant_storage,
         ).to(device)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
@@ -520,24 +527,25 @@ def _param_wrapper_4bit_class():
 
 
 def _lora_factory(target, adapter_name, config=None, parameter_name=None, **kwargs):
-    ParamWrapper = importlib.import_module("peft.tuners.lora.layer").ParamWrapper
+    """PEFT custom-module hook: `ParamWrapper4bit` for packed experts, `None` (PEFT's dispatch) for anything else."""
     base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if not is_quantized_experts(base):
+        return None
     if parameter_name is None:
         raise ValueError(
-            "LoRA on SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
+            "LoRA on 4-bit SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
             "'experts.down_proj'] (not target_modules=['experts'])"
         )
-    cls = _param_wrapper_4bit_class() if is_quantized_experts(base) else ParamWrapper
-    return cls(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+    return _param_wrapper_4bit_class()(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
 
 
 def with_quantized_experts(lora_config):
     """Register LoRA for 4-bit experts on a `peft.LoraConfig` (returns it): `target_parameters=
-    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Experts in full
-    precision get PEFT's own `ParamWrapper`, as without this call."""
-    from .modeling_sparse_moe import SparseMoEExperts
-
-    lora_config._register_custom_module({SparseMoEExperts: _lora_factory})
+    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Everything else
+    (full-precision experts, linear layers) gets PEFT's own layers, as without this call."""
+    # NOTE: keyed on nn.Module and decided by duck typing (`quant_spec`), not on our class: a model loaded through
+    # Hub remote code has its own copy of SparseMoEExperts, which an isinstance check against this package's would miss.
+    lora_config._register_custom_module({nn.Module: _lora_factory})
     return lora_config
 
 

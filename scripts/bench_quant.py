@@ -217,29 +217,32 @@ def run(args) -> dict:
     from modeling_sparse_moe import pretraining
 
     data_args = pretraining.DataTrainingArguments(max_corpus_chars=chars or 400_000)
-    packed = pretraining.tokenize_and_pack(pretraining.load_raw_datasets(data_args), AutoTokenizer.from_pretrained(folder),
-                                           block_size, data_args)
+    raw = pretraining.load_raw_datasets(data_args)
+    packed = pretraining.tokenize_and_pack(raw, AutoTokenizer.from_pretrained(folder), block_size, data_args)
     train_blocks = torch.tensor(packed["train"]["input_ids"][: 4 * args.batch * args.lora_steps])
     report["qlora"] = qlora_vs_lora(folder, train_blocks, args)
     if not args.no_rss:
-        report["qlora"]["peak_rss_mb"] = {v: measure_rss(args, folder, v)["peak_rss_mb"] for v in ("lora_bf16", "qlora_nf4")}
+        variants = ("lora_bf16", "qlora_nf4")
+        report["qlora"]["peak_rss_mb"] = {v: measure_rss(args, folder, v)["peak_rss_mb"] for v in variants}
     return report
 
 
 def print_table(report: dict, args) -> None:
-    mem = report["memory_demo"]
-    print(f"\nconfigs/demo: experts {mem['experts_bytes_bf16'] / 2**20:.1f} MiB bf16 -> {mem['experts_bytes_nf4'] / 2**20:.1f} "
-          f"MiB NF4 ({mem['experts_ratio']:.3f}x); whole model {mem['model_bytes_bf16'] / 2**20:.1f} -> "
-          f"{mem['model_bytes_nf4'] / 2**20:.1f} MiB ({mem['model_ratio']:.3f}x)")
+    mem = {k: v / 2**20 if k.endswith("bytes_bf16") or k.endswith("bytes_nf4") else v
+           for k, v in report["memory_demo"].items()}
+    print(f"\nconfigs/demo: experts {mem['experts_bytes_bf16']:.1f} MiB bf16 -> {mem['experts_bytes_nf4']:.1f} MiB NF4 "
+          f"({mem['experts_ratio']:.3f}x); whole model {mem['model_bytes_bf16']:.1f} -> {mem['model_bytes_nf4']:.1f} MiB "
+          f"({mem['model_ratio']:.3f}x)")
     print(f"\nmodel: {report['source']}")
     print(f"{'variant':<12} {'footprint MiB':>14} {'perplexity':>11} {'prefill ms':>11} {'decode tok/s':>13}")
     for name, row in report["variants"].items():
-        print(f"{name:<12} {row['footprint_bytes'] / 2**20:>14.1f} {row['perplexity']:>11.3f} {row['prefill_ms']:>11.1f} "
-              f"{row['decode_tokens_per_s']:>13.1f}")
+        print(f"{name:<12} {row['footprint_bytes'] / 2**20:>14.1f} {row['perplexity']:>11.3f} "
+              f"{row['prefill_ms']:>11.1f} {row['decode_tokens_per_s']:>13.1f}")
     print(f"NF4 / fp32 perplexity: {report['perplexity_ratio_nf4']:.4f}")
     q = report["qlora"]
     for name, curve in q["loss_curves"].items():
-        print(f"{name:<10} loss: " + " ".join(f"{x:.2f}" for x in curve[:: max(1, len(curve) // 10)]) + f" -> {curve[-1]:.2f}")
+        shown = " ".join(f"{x:.2f}" for x in curve[:: max(1, len(curve) // 10)])
+        print(f"{name:<10} loss: {shown} -> {curve[-1]:.2f}")
     print(f"training step: QLoRA {1e3 * q['step_s_median']['qlora_nf4']:.0f} ms, LoRA fp32 "
           f"{1e3 * q['step_s_median']['lora_fp32']:.0f} ms ({q['step_time_ratio_qlora_over_lora']:.2f}x)")
     if "peak_rss_mb" in q:

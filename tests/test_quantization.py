@@ -79,7 +79,8 @@ def test_bitsandbytes_repacking_switch_is_off(fp_folder):
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, tmp_path, double_quant):
-    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_use_double_quant=double_quant))
+    quantization_config = bnb_config(bnb_4bit_use_double_quant=double_quant)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=quantization_config)
     before = logits(model)
     model.state_dict()
     model.state_dict()
@@ -89,7 +90,8 @@ def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, t
     if double_quant:  # the Trainer part once: the switch, not the format, is what keeps the logits
         return
     peft_model = peft.get_peft_model(
-        model, with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"]))
+        model,
+        with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"])),
     ).eval()
     before = logits(peft_model)
     # learning rate 0: the two steps leave the adapters as they were, so only the checkpoint saves could move the logits
@@ -102,11 +104,12 @@ def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, t
     torch.testing.assert_close(logits(peft_model.eval()), before, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks only on AVX512-BF16 CPUs")
 def test_trap_exists_without_the_switch(fp_folder):
     """Control: with bitsandbytes' own choice restored, state_dict() changes the logits on this CPU (the cause,
     see quantization.disable_cpu_weight_repacking); our models never run that way."""
-    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config(bnb_4bit_use_double_quant=False))
+    quantization_config = bnb_config(bnb_4bit_use_double_quant=False)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=quantization_config)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = True
@@ -135,7 +138,8 @@ def test_load_in_4bit_quantizes_every_expert(fp_folder, fp_model, quant_type):
     # NF4 with fp32 block scales every 64 weights: 0.5 + 4/64 bytes per weight against 2 in bf16, plus double-quant
     # savings: at most 0.30x
     fp_experts = experts_modules(fp_model)[0]
-    ratio = expert_bytes(experts_modules(model)[0]) / (fp_experts.gate_up_proj.numel() + fp_experts.down_proj.numel()) / 2
+    bf16_bytes = 2 * (fp_experts.gate_up_proj.numel() + fp_experts.down_proj.numel())
+    ratio = expert_bytes(experts_modules(model)[0]) / bf16_bytes
     assert 0.25 <= ratio <= 0.30
     assert model.get_memory_footprint() < 0.5 * fp_model.get_memory_footprint()
 
@@ -173,7 +177,8 @@ def test_logits_close_to_full_precision(fp_folder, fp_model):
     fp_weights = dict(fp_model.named_parameters())
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            pairs = [(bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state), fp_weights[f"{name}.weight"])]
+            dequantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            pairs = [(dequantized, fp_weights[f"{name}.weight"])]
         elif name.endswith("mlp.experts"):
             pairs = [(dequantize_experts(module, p), fp_weights[f"{name}.{p}"]) for p in ("gate_up_proj", "down_proj")]
         else:
@@ -195,22 +200,34 @@ def test_from_config_and_quantize_model_equals_the_standard_door(fp_folder, fp_m
     assert_fp32_close(logits(quantized), logits(loaded))
 
 
-def test_converted_checkpoint_loads_quantized(tmp_path):
-    """A Mixtral checkpoint converted by conversion.from_hf, loaded with a 4-bit config."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+FAMILIES = {  # one MoE layer of width 64 each; Qwen2-MoE adds a gated shared expert
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=64, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=128, num_experts=4)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=64, num_experts=4)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_converted_checkpoint_loads_quantized(tmp_path, family):
+    """A Mixtral / Qwen2-MoE / OLMoE checkpoint converted by conversion.from_hf, loaded with a 4-bit config: experts
+    (and the shared expert) quantized, logits within NF4's error of the source model's."""
+    import transformers
 
     from modeling_sparse_moe.conversion import from_hf
 
+    config_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(0)
-    mixtral = MixtralForCausalLM(MixtralConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=1, initializer_range=0.02, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-    ))
-    mixtral.save_pretrained(tmp_path / "mixtral")
-    from_hf(tmp_path / "mixtral").save_pretrained(tmp_path / "converted")
+    source = getattr(transformers, model_name)(getattr(transformers, config_name)(
+        vocab_size=97, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        num_experts_per_tok=2, initializer_range=0.02, **extra,
+    )).eval()
+    from_hf(source).save_pretrained(tmp_path / "converted")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "converted", quantization_config=bnb_config())
     assert all(is_quantized_experts(m) for m in experts_modules(model))
-    reference = logits(mixtral)
+    shared = model.model.layers[0].mlp.shared_experts
+    assert shared is None or isinstance(shared.up_proj, bnb.nn.Linear4bit)
+    reference = logits(source)
     assert (logits(model) - reference).norm() / reference.norm() < 0.15
 
 
@@ -242,8 +259,8 @@ def _lora_pair(implementation):
 
 
 def _assert_same_lora_grads(q_model, r_model, expected: int):
-    q_grads = {n: p.grad for n, p in q_model.named_parameters() if p.requires_grad and "experts" in n and p.grad is not None}
-    r_grads = {n: p.grad for n, p in r_model.named_parameters() if p.requires_grad and "experts" in n and p.grad is not None}
+    q_grads = {n: p.grad for n, p in q_model.named_parameters() if "experts" in n and p.grad is not None}
+    r_grads = {n: p.grad for n, p in r_model.named_parameters() if "experts" in n and p.grad is not None}
     assert q_grads.keys() == r_grads.keys() and len(q_grads) == expected
     for name in q_grads:
         assert q_grads[name].abs().sum() > 0
@@ -293,7 +310,8 @@ def test_only_experts_with_rows_are_dequantized(monkeypatch):
     quantized, _ = _routed_models(num_experts=8, capacity_factor=None, implementation="sparse_moe")
     calls = []
     original = quantization.dequantize_expert
-    monkeypatch.setattr(quantization, "dequantize_expert", lambda m, n, e, d=None: calls.append(e) or original(m, n, e, d))
+    counting = lambda m, n, e, d=None: calls.append(e) or original(m, n, e, d)  # noqa: E731
+    monkeypatch.setattr(quantization, "dequantize_expert", counting)
     logits(quantized, ids(batch=1, seq=1))  # one token, top-2: two experts per layer
     assert len(calls) == 2 * 2 * 2  # 2 layers x 2 experts x 2 projections
 
@@ -379,7 +397,8 @@ def test_hub_folder_of_a_quantized_model_loads_in_a_fresh_process(tmp_path):
     enc = tokenizer([text], return_tensors="pt")
     reference = logits(model, enc["input_ids"])
     result = run_fresh_process(
-        [{"auto_class": "AutoModelForCausalLM", "source": str(folder), "texts": [text], "generate": None}], tmp_path / "fresh"
+        [{"auto_class": "AutoModelForCausalLM", "source": str(folder), "texts": [text], "generate": None}],
+        tmp_path / "fresh",
     )
     torch.testing.assert_close(torch.tensor(result["jobs"][0]["logits"]), reference, rtol=0, atol=0)
 
@@ -394,7 +413,12 @@ def test_to_hf_refuses_a_quantized_model_or_dequantizes_on_request(fp_folder, tm
             to_hf(source, family="mixtral")
     mixtral = to_hf(model, family="mixtral", dequantize=True).eval()
     assert is_quantized_experts(experts_modules(model)[0])  # the 4-bit model itself is left as it was
-    assert_fp32_close(logits(mixtral), logits(model))
+    before = logits(model)
+    assert_fp32_close(logits(mixtral), before)
+    model.dequantize()  # transformers' API: the experts are unpacked too, the quantization records removed
+    assert not any(is_quantized_experts(m) or isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert not hasattr(model.config, "quantization_config") and not hasattr(model.config, "expert_quantization")
+    assert_fp32_close(logits(model), before)
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -402,6 +426,10 @@ def test_bad_input_is_refused_clearly(fp_model, fp_folder, tmp_path):
     with pytest.raises(ValueError, match="does not divide the expert width"):
         quantize_experts(copy.deepcopy(fp_model), bnb_config(), blocksize=256)
     assert not any(is_quantized_experts(m) for m in experts_modules(fp_model))  # nothing half-done
+    grouped = copy.deepcopy(fp_model)
+    grouped.config._experts_implementation = "grouped_mm"
+    with pytest.raises(ValueError, match="cannot read 4-bit experts"):
+        quantize_experts(grouped, bnb_config())
     quantized = quantize_experts(copy.deepcopy(fp_model), bnb_config())
     with pytest.raises(ValueError, match="already quantized"):
         quantize_experts(quantized, bnb_config())
@@ -432,3 +460,22 @@ def test_recipe_qlora_adapts_the_4bit_experts_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="--lora_r"):
         translation.main(["--config_name", "configs/tiny", "--offline_corpus", "country_names", "--output_dir",
                           str(tmp_path / "full"), "--do_train", "--load_in_4bit", "--max_steps", "1"])
+
+
+@pytest.mark.slow
+def test_bench_quant_quick_reports_every_section(tmp_path):
+    """scripts/bench_quant.py at smoke size: the exact parts of its report (timings are the script's business)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_quant.py"
+    out = tmp_path / "quant.json"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--no-rss", "--json", str(out), "--work-dir",
+                             str(tmp_path / "work")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["memory_demo"]["experts_ratio"] <= 0.30
+    assert set(report["variants"]) == {"fp32", "nf4"}
+    assert report["variants"]["nf4"]["footprint_bytes"] < 0.6 * report["variants"]["fp32"]["footprint_bytes"]
+    assert all(len(curve) == 6 for curve in report["qlora"]["loss_curves"].values())
