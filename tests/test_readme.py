@@ -34,6 +34,7 @@ RECIPE_SMOKE = {
     "sft.py": ["--max_steps", "2", "--max_train_samples", "8", "--max_eval_samples", "4", "--report_to", "none"],
     "plot_routing.py": ["--num_texts", "2"],
     "push_to_hub.py": [],
+    "plan_memory.py": [],
 }
 COVERED = {
     "pip install torch --index-url https://download.pytorch.org/whl/cpu":
@@ -54,6 +55,10 @@ COVERED = {
     "python scripts/bench_moe.py --quick": ("test", "tests/test_scripts.py::test_bench_moe_reports_every_cell"),
     "python scripts/bench_model.py --quick": ("test", "tests/test_scripts.py::test_bench_model_same_logits_and_breakdown"),
     "python scripts/gpu_check.py --device cpu --quick": ("test", "tests/test_scripts.py::test_gpu_check_cpu_dry_run_passes"),
+    "python scripts/export.py out/quickstart/pretrain out/serve --gguf":
+        ("test", "tests/test_export.py::test_readme_serve_commands_work_as_written"),
+    "python scripts/export.py out/quickstart/translation out/serve-mt --gguf q8_0":
+        ("test", "tests/test_export.py::test_readme_serve_commands_work_as_written"),
 }
 
 
@@ -125,7 +130,8 @@ def test_readme_recipe_commands_run_at_smoke_size(tmp_path):
     """The recipe commands, as README writes them plus smoke-size flags, one after the other in one fresh folder (the
     fine-tuning commands start from the model the pretraining command saved)."""
     env = _env()
-    hub = subprocess.run([sys.executable, "-c", _blocks("python")[3].replace("# ... train ...", "")], cwd=tmp_path,
+    share = next(block for block in _blocks("python") if "save_for_hub(" in block)
+    hub = subprocess.run([sys.executable, "-c", share.replace("# ... train ...", "")], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     assert hub.returncode == 0, hub.stderr[-2000:]  # the folder push_to_hub --dry-run checks
     ran = []
