@@ -86,17 +86,17 @@ SIZES = {
     ),
     "small": Size(
         model="demo", overrides="num_hidden_layers=4,vocab_size=4096,max_position_embeddings=512", vocab_size=4096,
-        corpus_chars=None, block_size=128, pretrain_steps=400, pretrain_batch=16, translation_steps=600,
+        corpus_chars=None, block_size=128, pretrain_steps=400, pretrain_batch=16, translation_steps=300,
         translation_train=6000, translation_eval=100, qa_steps=300, qa_train=None, qa_eval=None,
         notes="4 layers x 256, 8 experts x 512, top-2; about 10 minutes on 2 CPU cores",
-        qa_max_seq_length=128, num_beams=4, no_repeat_ngram_size=3,
+        qa_max_seq_length=128, num_beams=1, no_repeat_ngram_size=3,
     ),
     "demo": Size(
         model="demo", overrides="vocab_size=8192,max_position_embeddings=512", vocab_size=8192, corpus_chars=None,
         block_size=128, pretrain_steps=1500, pretrain_batch=16, translation_steps=1200, translation_train=20000,
         translation_eval=200, qa_steps=400, qa_train=None, qa_eval=None,
         notes="6 layers x 256, 8 experts x 512, top-2; about 40 minutes on 2 CPU cores",
-        qa_max_seq_length=128, num_beams=4, no_repeat_ngram_size=3,
+        qa_max_seq_length=128, num_beams=1, no_repeat_ngram_size=3,
     ),
 }
 
@@ -258,8 +258,6 @@ def stage_translation(folder: Path, size: Size, state: State, lora: bool) -> dic
         "--max_target_length", "64", "--max_source_length", "64", "--num_examples", "3", "--overwrite_output_dir",
         "--generation_num_beams", str(size.num_beams), "--no_repeat_ngram_size", str(size.no_repeat_ngram_size),
         "--repetition_penalty", str(size.repetition_penalty),
-        # batches of similar lengths pad less: the same steps in less time
-        "--train_sampling_strategy", "group_by_length",
         *_common_trainer_flags(out, size, size.translation_steps, size.translation_lr),
     ]
     if lora:

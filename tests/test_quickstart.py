@@ -91,6 +91,10 @@ def test_smoke_run_tells_the_whole_story(tmp_path, capsys):
         assert min(counts) * len(counts) / sum(counts) >= 0.5, (layer, counts)
     for key in ("eval_chrf_before", "eval_chrf", "eval_bleu_before", "eval_bleu"):
         assert key in state["translation"]["result"]["metrics"]
+    # the size's decoding reached the recipe and is saved with the model
+    assert state["translation"]["result"]["generation"].startswith("beam search (2 beams), no_repeat_ngram_size=3")
+    saved = json.loads((tmp_path / "translation" / "generation_config.json").read_text())
+    assert (saved["num_beams"], saved["no_repeat_ngram_size"]) == (2, 3)
     for key in ("eval_exact_match_before", "eval_exact_match", "eval_f1_before", "eval_f1"):
         assert key in state["qa"]["result"]["metrics"]
     for path in state["pictures"]["result"].values():
