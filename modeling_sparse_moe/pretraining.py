@@ -582,7 +582,7 @@ class StudyArguments:
         default=None,
         metadata={"help": "'quickstart': the quickstart's pretraining optimisation (400 steps, lr 2e-3, warmup 20, "
                   "no weight decay, beta2 0.999, as Trainer runs it; evaluation every 50 steps) instead of the "
-                  "study's; the router-balance ablation uses it."},
+                  "study's defaults; flags given explicitly win. The router-balance ablation uses it."},
     )
     eval_every: int = field(default=50, metadata={"help": "Validation loss every N steps (and at the last one)."})
     eval_blocks: int = field(default=128, metadata={"help": "Validation blocks (fixed, held-out chapters)."})
@@ -774,8 +774,10 @@ def run_dense_comparison(args: StudyArguments) -> dict:
     if args.preset is not None:
         if args.preset != "quickstart":
             raise ValueError(f"--preset {args.preset!r}: the only preset is 'quickstart'")
+        defaults = StudyArguments()
         for key, value in QUICKSTART_PRESET.items():
-            setattr(args, key, value)
+            if getattr(args, key) == getattr(defaults, key):  # a flag given explicitly wins over the preset
+                setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)
