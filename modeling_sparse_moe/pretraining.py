@@ -761,6 +761,17 @@ def _seconds_at(run: _StudyRun, step: float) -> float:
     return run.seconds_at[low] + (step - low) * (run.seconds_at[high] - run.seconds_at[low])
 
 
+def _apply_preset(args: StudyArguments) -> None:
+    if args.preset is None:
+        return
+    if args.preset != "quickstart":
+        raise ValueError(f"--preset {args.preset!r}: the only preset is 'quickstart'")
+    defaults = StudyArguments()
+    for key, value in QUICKSTART_PRESET.items():
+        if getattr(args, key) == getattr(defaults, key):  # a flag given explicitly wins over the preset
+            setattr(args, key, value)
+
+
 def run_dense_comparison(args: StudyArguments) -> dict:
     """Train the variants (the first is the dense baseline) and measure, for each other one, the steps and the
     training seconds it needs to reach the baseline's final validation loss. Writes `results.json`, `results.md`
@@ -771,13 +782,7 @@ def run_dense_comparison(args: StudyArguments) -> dict:
         args.steps, args.eval_every, args.batch_size, args.block_size = min(args.steps, 20), 5, 4, 64
         args.max_corpus_chars = args.max_corpus_chars or 200_000
         args.eval_blocks, args.warmup_steps = min(args.eval_blocks, 16), 2
-    if args.preset is not None:
-        if args.preset != "quickstart":
-            raise ValueError(f"--preset {args.preset!r}: the only preset is 'quickstart'")
-        defaults = StudyArguments()
-        for key, value in QUICKSTART_PRESET.items():
-            if getattr(args, key) == getattr(defaults, key):  # a flag given explicitly wins over the preset
-                setattr(args, key, value)
+    _apply_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)
