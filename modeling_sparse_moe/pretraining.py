@@ -751,7 +751,7 @@ class StudyArguments:
         default=None,
         metadata={"help": "'quickstart': the quickstart's pretraining optimisation (400 steps, lr 2e-3, warmup 20, "
                   "no weight decay, beta2 0.999, as Trainer runs it; evaluation every 50 steps) instead of the "
-                  "study's; the router-balance ablation uses it."},
+                  "study's defaults; flags given explicitly win. The router-balance ablation uses it."},
     )
     eval_every: int = field(default=50, metadata={"help": "Validation loss every N steps (and at the last one)."})
     eval_blocks: int = field(default=128, metadata={"help": "Validation blocks (fixed, held-out chapters)."})
@@ -930,6 +930,17 @@ def _seconds_at(run: _StudyRun, step: float) -> float:
     return run.seconds_at[low] + (step - low) * (run.seconds_at[high] - run.seconds_at[low])
 
 
+def _apply_preset(args: StudyArguments) -> None:
+    if args.preset is None:
+        return
+    if args.preset != "quickstart":
+        raise ValueError(f"--preset {args.preset!r}: the only preset is 'quickstart'")
+    defaults = StudyArguments()
+    for key, value in QUICKSTART_PRESET.items():
+        if getattr(args, key) == getattr(defaults, key):  # a flag given explicitly wins over the preset
+            setattr(args, key, value)
+
+
 def run_dense_comparison(args: StudyArguments) -> dict:
     """Train the variants (the first is the dense baseline) and measure, for each other one, the steps and the
     training seconds it needs to reach the baseline's final validation loss. Writes `results.json`, `results.md`
@@ -940,11 +951,7 @@ def run_dense_comparison(args: StudyArguments) -> dict:
         args.steps, args.eval_every, args.batch_size, args.block_size = min(args.steps, 20), 5, 4, 64
         args.max_corpus_chars = args.max_corpus_chars or 200_000
         args.eval_blocks, args.warmup_steps = min(args.eval_blocks, 16), 2
-    if args.preset is not None:
-        if args.preset != "quickstart":
-            raise ValueError(f"--preset {args.preset!r}: the only preset is 'quickstart'")
-        for key, value in QUICKSTART_PRESET.items():
-            setattr(args, key, value)
+    _apply_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)

@@ -98,6 +98,15 @@ def test_study_variants_carry_router_learning_rate_and_init():
     args = pretraining.StudyArguments(learning_rate=1e-3)
     run = pretraining._StudyRun("x", tiny_config(), args, seed=0, options=options)
     routers = [p for n, p in run.model.named_parameters() if n.endswith("mlp.gate.weight")]
-    assert routers and all(float(p.abs().max()) == 0.0 for p in routers)
+    assert routers and all(float(p.detach().abs().max()) == 0.0 for p in routers)
     assert run.optimizer.param_groups[-1]["lr"] == pytest.approx(1e-4 * 0)  # scheduler warmup starts at 0
     assert run.scheduler.base_lrs[-1] == pytest.approx(1e-4)
+
+
+def test_quickstart_preset_sets_the_quickstart_optimisation_and_explicit_flags_win():
+    args = pretraining.StudyArguments(preset="quickstart", steps=1600)
+    pretraining._apply_preset(args)
+    assert (args.steps, args.learning_rate, args.warmup_steps, args.weight_decay, args.adam_beta2) == (
+        1600, 2e-3, 20, 0.0, 0.999)
+    with pytest.raises(ValueError, match="only preset is 'quickstart'"):
+        pretraining._apply_preset(pretraining.StudyArguments(preset="nope"))
