@@ -790,7 +790,13 @@ def _split_run_options(overrides: str) -> tuple[str, dict[str, float]]:
     for item in _split_top_level(overrides or ""):
         key = item.partition("=")[0].strip()
         if key in RUN_KEYS:
-            options[key] = float(item.partition("=")[2])
+            raw = item.partition("=")[2].strip()
+            try:
+                options[key] = float(raw)
+            except ValueError:
+                raise ValueError(f"--variants: {key}={raw!r} is not a number") from None
+            if options[key] < 0:
+                raise ValueError(f"--variants: {key}={raw} must be >= 0")
         elif item.strip():
             kept.append(item)
     return ",".join(kept), options

@@ -95,6 +95,8 @@ def test_study_variants_carry_router_learning_rate_and_init():
     )
     assert overrides == "num_experts=8,mlp_only_layers=[0,1]"
     assert options == {"router_lr_scale": 0.1, "router_init_std": 0.0}
+    with pytest.raises(ValueError, match="router_lr_scale='fast' is not a number"):
+        pretraining._split_run_options("router_lr_scale=fast")
     args = pretraining.StudyArguments(learning_rate=1e-3)
     run = pretraining._StudyRun("x", tiny_config(), args, seed=0, options=options)
     routers = [p for n, p in run.model.named_parameters() if n.endswith("mlp.gate.weight")]
