@@ -411,8 +411,8 @@ def _greedy_config(model, max_new_tokens: int, stop_at_eos: bool, **fields):
 
     config = copy.deepcopy(model.generation_config)
     config.do_sample, config.max_new_tokens = False, max_new_tokens
-    if not stop_at_eos:
-        config.eos_token_id = None
+    if not stop_at_eos:  # NOTE: eos_token_id=None falls back to the model config's EOS; an id no token has does not
+        config.eos_token_id = model.config.vocab_size
     for name, value in fields.items():
         setattr(config, name, value)
     return config
