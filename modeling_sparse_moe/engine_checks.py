@@ -423,7 +423,6 @@ def ours_greedy(model, prompts: list[list[int]], max_new_tokens: int, stop_at_eo
     import torch
 
     config = _greedy_config(model, max_new_tokens, stop_at_eos, output_logits=True, return_dict_in_generate=True)
-    eos = model.generation_config.eos_token_id
     tokens, logits = [], []
     for ids in prompts:
         with torch.no_grad():
