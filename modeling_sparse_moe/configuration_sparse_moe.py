@@ -144,6 +144,13 @@ class SparseMoEConfig(PreTrainedConfig):
         those its `qk_norm` needs."""
         return {**self._tp_plan_common, **self._tp_plan_qk_norm.get(self.qk_norm, {})}
 
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan) -> None:
+        # NOTE: older transformers (5.16, 5.19 seen) assign the plan in `PreTrainedConfig.__post_init__` (adding a rowwise
+        # `embed_tokens` rule for tied embeddings, an optional memory saving). Ours is derived from `qk_norm`, so the
+        # assignment is dropped: without this setter a Hub folder could not build its config there (vLLM's 5.19).
+        pass
+
     # transformer
     vocab_size: int = 32000
     hidden_size: int = 1024

@@ -790,7 +790,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.expert_load)
 
 
-def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_mask, cache) -> None:
+def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_mask, cache, position_ids=None) -> None:
     """Turn bad input into a clear error before it becomes an index error deep inside forward."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -815,9 +815,12 @@ def _check_inputs(config: SparseMoEConfig, input_ids, inputs_embeds, attention_m
             )
     past = cache.get_seq_length() if cache is not None else 0
     total = past + reference.shape[1]
-    if total > config.max_position_embeddings and config.rope_parameters.get("rope_type", "default") == "default":
+    # NOTE: engines that pack several sequences into one row (vLLM's Transformers backend) pass their positions: the
+    # longest sequence is what RoPE must cover, not the packed row.
+    length = int(position_ids.max()) + 1 if position_ids is not None and position_ids.numel() > 0 else total
+    if length > config.max_position_embeddings and config.rope_parameters.get("rope_type", "default") == "default":
         raise ValueError(
-            f"Sequence length {total} exceeds max_position_embeddings={config.max_position_embeddings}; "
+            f"Sequence length {length} exceeds max_position_embeddings={config.max_position_embeddings}; "
             "truncate the input or build the config with a larger max_position_embeddings / RoPE scaling."
         )
     if attention_mask is not None and attention_mask.dim() not in (2, 4):
@@ -865,7 +868,7 @@ class SparseMoEModel(SparseMoEPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> SparseMoEModelOutputWithPast:
-        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache)
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, position_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
