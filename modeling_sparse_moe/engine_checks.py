@@ -376,7 +376,9 @@ def worker_hf(request: dict) -> dict:
     with torch.no_grad():
         logits = model(ids).logits
         generated = model.generate(ids[:1], max_new_tokens=request.get("max_new_tokens", 8), do_sample=False)
-    torch.save(logits, request["logits_path"])
+    from safetensors.torch import save_file  # not a pickle: the package writes none (tests/test_reliability.py)
+
+    save_file({"logits": logits.contiguous()}, request["logits_path"])
     return {"transformers": transformers.__version__, "generated": generated[0].tolist()}
 
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from transformers.activations import ACT2FN
 
+from .modeling_sparse_moe import KeepBuffersFp32
 from .moe_dispatch import _define_op, plan_dispatch
 
 
@@ -64,21 +65,9 @@ def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return (q.float() * scale.float().unsqueeze(-1)).to(dtype)
 
 
-class _KeepScalesFp32:
-    """`model.to(torch.bfloat16)` would cast the scales too: a bf16 scale moves every output of its channel by up to
-    0.4%, more than the int8 rounding itself. Keep them fp32; only their device follows `fn` (as the router's
-    buffers do in modeling_sparse_moe.py)."""
-
-    _fp32_buffers: tuple[str, ...] = ()
-
-    def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers[name] for name in self._fp32_buffers}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            after = self._buffers[name]
-            if after is not None and after.dtype != torch.float32:
-                self._buffers[name] = before.to(after.device) if not before.is_meta else after.float()
-        return self
+# NOTE: `model.to(torch.bfloat16)` would cast the scales too: a bf16 scale moves every output of its channel by up to
+# 0.4%, more than the int8 rounding itself. `KeepBuffersFp32` keeps them fp32; only their device follows.
+_KeepScalesFp32 = KeepBuffersFp32
 
 
 def _check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:

@@ -292,7 +292,23 @@ class SparseMoEMLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------- routing
-class SparseMoERouter(nn.Module):
+class KeepBuffersFp32:
+    """Mixin for an `nn.Module` whose buffers named in `_fp32_buffers` stay fp32 under `model.to(dtype)`; only their
+    device follows. Used by the router (bias and loads) and by int8 experts (their scales)."""
+
+    _fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self._fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device) if not before.is_meta else after.float()
+        return self
+
+
+class SparseMoERouter(KeepBuffersFp32, nn.Module):
     """Top-k router: softmax (Mixtral/Qwen/OLMoE) or sigmoid with a correction bias and group-limited selection
     (DeepSeek-V3), plus capacity dropping in training.
 
@@ -302,6 +318,11 @@ class SparseMoERouter(nn.Module):
       - `top_k_index_TK` the chosen experts (before dropping),
       - `dropped_TK` bool mask of assignments over capacity, or `None` when nothing can be dropped.
     """
+
+    # NOTE: `model.to(torch.bfloat16)` would cast these buffers too: in bf16, bias updates of 1e-3 vanish once |bias|
+    # nears 0.5 and loads above 256 round, so the balancing silently stops. Keep them fp32 (from_pretrained does the
+    # same through `_keep_in_fp32_modules_strict`).
+    _fp32_buffers = ("e_score_correction_bias", "expert_load")
 
     def __init__(self, config: SparseMoEConfig):
         super().__init__()
@@ -320,18 +341,6 @@ class SparseMoERouter(nn.Module):
         # Assignments per expert in training forwards since the last `update_router_biases` (which resets it), so a
         # step with gradient accumulation balances on all of its micro-batches.
         self.expert_load = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # NOTE: `model.to(torch.bfloat16)` would cast these buffers too: in bf16, bias updates of 1e-3 vanish once
-        # |bias| nears 0.5 and loads above 256 round, so the balancing silently stops. Keep them fp32 (from_pretrained
-        # does the same through `_keep_in_fp32_modules_strict`); only their device follows `fn`.
-        kept = {name: self._buffers[name] for name in ("e_score_correction_bias", "expert_load")}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            after = self._buffers[name]
-            if after is not None and after.dtype != torch.float32:
-                self._buffers[name] = before.to(after.device) if not before.is_meta else after.float()
-        return self
 
     def scores(self, router_logits_TE: torch.Tensor) -> torch.Tensor:
         if self.router_type == "sigmoid":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import assert_fp32_close, tiny_config
 from modeling_sparse_moe import SparseMoEForCausalLM
@@ -37,9 +38,9 @@ def test_hub_folder_on_the_oldest_supported_transformers(tmp_path, overrides):
 
     python = ensure_venv("tf-floor")
     out = run_worker(python, "hf", {"model": str(folder), "input_ids": ids.tolist(), "max_new_tokens": 8,
-                                    "logits_path": str(tmp_path / "logits.pt")}, tmp_path / "work", timeout=900)
+                                    "logits_path": str(tmp_path / "logits.safetensors")}, tmp_path / "work", timeout=900)
     assert out["transformers"] == TRANSFORMERS_FLOOR
-    assert_fp32_close(torch.load(tmp_path / "logits.pt"), expected)
+    assert_fp32_close(load_file(tmp_path / "logits.safetensors")["logits"], expected)
     assert out["generated"] == generated[0].tolist()
 
 

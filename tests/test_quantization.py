@@ -305,8 +305,14 @@ def test_compiled_expert_block_equals_dequantized_reference():
 
 
 def test_only_experts_with_rows_are_dequantized(monkeypatch):
-    from modeling_sparse_moe import quantization
+    from transformers.integrations.moe import ExpertsInterface
 
+    from modeling_sparse_moe import moe_dispatch, quantization
+
+    # NOTE: the registry is global: a Hub folder loaded through remote code earlier in this process registered its own
+    # copy of the implementation (calling its own copy of quantization.py); count through this package's copy.
+    monkeypatch.setitem(ExpertsInterface._global_mapping, moe_dispatch.SPARSE_MOE_EXPERTS,
+                        moe_dispatch.sparse_moe_experts_forward)
     quantized, _ = _routed_models(num_experts=8, capacity_factor=None, implementation="sparse_moe")
     calls = []
     original = quantization.dequantize_expert
