@@ -40,7 +40,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -50,7 +49,13 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from .configs import resolve_config_name
 from .configuration_sparse_moe import SparseMoEConfig
 from .data import load_bible_corpus, train_tokenizer
-from .training import RouterBiasUpdateCallback, TELEMETRY_FILE, add_router_telemetry, last_complete_checkpoint
+from .training import (
+    CausalLMTrainer,
+    RouterBiasUpdateCallback,
+    TELEMETRY_FILE,
+    add_router_telemetry,
+    last_complete_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -509,10 +514,11 @@ def default_block_size(config, tokenizer) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- trainer
-class PretrainingTrainer(Trainer):
+class PretrainingTrainer(CausalLMTrainer):
     """`Trainer` whose evaluation loss is the language-model cross-entropy alone. The model's training loss adds the
     router aux loss and z-loss; those would make an MoE's `eval_loss` and perplexity incomparable to a dense
-    model's. Evaluation logs also carry `eval_perplexity`."""
+    model's. Evaluation logs also carry `eval_perplexity`. `--label_smoothing_factor` smooths the training loss
+    (`CausalLMTrainer`), never this evaluation loss."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training or "labels" not in inputs:

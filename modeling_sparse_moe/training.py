@@ -27,7 +27,7 @@ import time
 
 import torch
 from safetensors import safe_open
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .modeling_sparse_moe import (
@@ -39,6 +39,50 @@ from .modeling_sparse_moe import (
 )
 
 logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------- label smoothing
+class CausalLMTrainer(Trainer):
+    """`Trainer` whose `--label_smoothing_factor` is right for `SparseMoEForCausalLM`.
+
+    NOTE: transformers 5.x `Trainer.compute_loss` pops the labels when label smoothing is on and shifts them only
+    when the model's class name is in the static `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` (transformers' own classes).
+    For any other causal LM, ours included, each position's logits are scored against the position's own token,
+    and whatever the model adds to its loss (our router aux loss and z-loss) is dropped. Here the labels stay in
+    the inputs, the model computes its own loss (shifted cross-entropy + router losses), and the smoothing term is
+    added on the same target tokens with the same normaliser: loss + eps * (mean over the vocabulary of -log p - NLL),
+    which is LabelSmoother's (1 - eps) * NLL + eps * smooth."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        smoother = self.label_smoother
+        if smoother is None or "labels" not in inputs or not _is_sparse_moe_causal_lm(self.accelerator.unwrap_model(model)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.label_smoother = None  # the model computes the (shifted) loss itself
+        try:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        finally:
+            self.label_smoother = smoother
+        labels = inputs["labels"][..., 1:]
+        log_probs = torch.log_softmax(outputs.logits[..., :-1, :].float(), dim=-1)
+        mask = labels.ne(smoother.ignore_index)
+        nll = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        uniform = -log_probs.mean(dim=-1)
+        count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        if torch.is_tensor(count):
+            count = count.to(loss.device)
+        term = ((uniform - nll) * mask).sum() / count
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            term = term * (self.accelerator.num_processes // tp_size)  # as Trainer scales the model's loss
+        loss = loss + smoother.epsilon * term.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _is_sparse_moe_causal_lm(model) -> bool:
+    from .modeling_sparse_moe import SparseMoEForCausalLM
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    return isinstance(base, SparseMoEForCausalLM)
+
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")

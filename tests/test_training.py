@@ -72,3 +72,36 @@ def test_gradient_checkpointing_gives_the_same_gradients(overrides):
     assert plain.keys() == ckpt.keys() and len(plain) > 10
     for name in plain:
         torch.testing.assert_close(plain[name], ckpt[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_label_smoothing_shifts_labels_and_keeps_the_router_losses(tmp_path):
+    """`--label_smoothing_factor` through `CausalLMTrainer` equals LabelSmoother's formula on shifted labels plus the
+    router losses; plain Trainer (the control) scores unshifted labels and drops the router losses."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from modeling_sparse_moe.training import CausalLMTrainer
+
+    torch.manual_seed(0)
+    config = tiny_config(router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    model = SparseMoEForCausalLM(config).train()
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt, as the task recipes make
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    with torch.no_grad():
+        out = model(**inputs)
+        reference = LabelSmoother(epsilon=0.1)(out, labels, shift_labels=True)
+        router = 0.1 * out.aux_loss + 0.01 * out.z_loss
+        ours = CausalLMTrainer(model=model, args=args).compute_loss(model, dict(inputs))
+        plain = Trainer(model=model, args=args).compute_loss(model, dict(inputs))
+    assert out.aux_loss > 0 and out.z_loss > 0
+    # same fp32 values summed in a different order (log-softmax once vs twice): a few ulps of a loss near 4.6
+    torch.testing.assert_close(ours, reference + router, rtol=0, atol=1e-5)
+    # Trainer alone scores each position against its own token (unshifted) and leaves the router losses out
+    torch.testing.assert_close(plain, LabelSmoother(epsilon=0.1)(out, labels), rtol=0, atol=1e-5)
+    assert abs(plain.item() - (reference + router).item()) > 0.01
+    # without smoothing our trainer is Trainer: the model's own loss, bit for bit
+    args_plain = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with torch.no_grad():
+        assert torch.equal(CausalLMTrainer(model=model, args=args_plain).compute_loss(model, dict(inputs)), out.loss)

@@ -34,7 +34,7 @@ from transformers import (
     default_data_collator,
 )
 
-from ..training import RouterBiasUpdateCallback
+from ..training import CausalLMTrainer, RouterBiasUpdateCallback
 from . import common
 from .data import country_qa_dataset
 from .generation import (
@@ -362,7 +362,7 @@ def _generative(model, tokenizer, raw, data_args, training_args, last_checkpoint
         with training_args.main_process_first(desc="tokenize"):
             train = raw["train"].map(encode, batched=True, remove_columns=raw["train"].column_names,
                                      num_proc=data_args.preprocessing_num_workers, desc="Tokenizing train")
-    trainer = Trainer(
+    trainer = CausalLMTrainer(
         model=model, args=training_args, train_dataset=train, data_collator=CompletionCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, callbacks=[RouterBiasUpdateCallback()],
     )

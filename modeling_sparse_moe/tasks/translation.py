@@ -23,9 +23,9 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, Seq2SeqTrainingArguments, Trainer
+from transformers import AutoModelForCausalLM, Seq2SeqTrainingArguments
 
-from ..training import RouterBiasUpdateCallback
+from ..training import CausalLMTrainer, RouterBiasUpdateCallback
 from . import common
 from .data import bible_translation_dataset, country_name_pairs, texts_of
 from .generation import (
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
-    trainer = Trainer(
+    trainer = CausalLMTrainer(
         model=model,
         args=training_args,
         train_dataset=tokenized.get("train"),
