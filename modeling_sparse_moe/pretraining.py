@@ -772,6 +772,11 @@ class StudyArguments:
     validation_split_percentage: int = field(default=5, metadata={"help": "Percent of chapters held out."})
     smoke: bool = field(default=False, metadata={"help": "Tiny shapes, 20 steps, 200k characters (tests)."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: leave as is)."})
+    merge: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated study folders (seeds run as separate processes): join their results.json "
+                  "into one table in --output_dir; trains nothing."},
+    )
 
 
 # Keys a variant may carry besides config fields: how its router is optimised and initialised, not what it is.
@@ -959,6 +964,8 @@ def run_dense_comparison(args: StudyArguments) -> dict:
     and `loss_curves.png` to `args.output_dir`; returns the results dict."""
     import modeling_sparse_moe  # noqa: F401  (registers the Auto classes)
 
+    if args.merge:
+        return merge_dense_comparisons([f for f in args.merge.split(",") if f.strip()], args.output_dir)
     if args.smoke:
         args.steps, args.eval_every, args.batch_size, args.block_size = min(args.steps, 20), 5, 4, 64
         args.max_corpus_chars = args.max_corpus_chars or 200_000
@@ -966,16 +973,10 @@ def run_dense_comparison(args: StudyArguments) -> dict:
     _apply_preset(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)
-    if args.base_overrides:
-        base.update(parse_config_overrides(args.base_overrides))
-    variants = _parse_variants(args.variants) if args.variants else (SMOKE_VARIANTS if args.smoke else STUDY_VARIANTS)
-    configs, options = {}, {}
-    for name, spec in variants.items():
-        overrides, options[name] = _split_run_options(spec)
-        configs[name] = apply_config_overrides(SparseMoEConfig(**base), overrides) if overrides else SparseMoEConfig(**base)
+    configs, variants, options = _study_configs(args)
+    base = configs[next(iter(configs))]
     baseline = next(iter(configs))
-    tokenizer, train_BL, val_BL, corpus = _study_data(args, base["vocab_size"])
+    tokenizer, train_BL, val_BL, corpus = _study_data(args, base.vocab_size)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1001,6 +1002,52 @@ def run_dense_comparison(args: StudyArguments) -> dict:
         per_seed.append(_seed_result(seed, runs, baseline, args))
         _write_study(out, args, configs, variants, corpus, per_seed, baseline)
     return _write_study(out, args, configs, variants, corpus, per_seed, baseline)
+
+
+def _study_configs(args: StudyArguments) -> tuple[dict, dict, dict]:
+    """The study's configs, variant specs and per-variant run options (`RUN_KEYS`), by variant name."""
+    base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)
+    if args.base_overrides:
+        base.update(parse_config_overrides(args.base_overrides))
+    variants = _parse_variants(args.variants) if args.variants else (SMOKE_VARIANTS if args.smoke else STUDY_VARIANTS)
+    configs, options = {}, {}
+    for name, spec in variants.items():
+        overrides, options[name] = _split_run_options(spec)
+        configs[name] = apply_config_overrides(SparseMoEConfig(**base), overrides) if overrides else SparseMoEConfig(**base)
+    return configs, variants, options
+
+
+def merge_dense_comparisons(folders: list[str], output_dir: str) -> dict:
+    """One table over studies that ran the same variants, flags and corpus for different seeds (each seed in its own
+    process and folder): their `results.json` files joined, written as `results.json` / `results.md` /
+    `loss_curves.png` to `output_dir`. Folders that differ in anything but the seeds are refused."""
+    if len(folders) < 2:
+        raise ValueError("--merge needs at least two study folders")
+    studies = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--merge: {path} not found (has that study finished a seed?)")
+        studies.append(json.loads(path.read_text()))
+    first = studies[0]
+    ignored = {"output_dir", "seeds", "threads", "merge"}
+    for folder, study in zip(folders[1:], studies[1:]):
+        differ = sorted(k for k in set(first["args"]) | set(study["args"])
+                        if k not in ignored and first["args"].get(k) != study["args"].get(k))
+        if differ or study["baseline"] != first["baseline"] or list(study["shapes"]) != list(first["shapes"]):
+            raise ValueError(f"--merge: {folder} is not the same study as {folders[0]} "
+                             f"(differs in {', '.join(differ) or 'variants'})")
+    per_seed = sorted((r for study in studies for r in study["seeds"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--merge: seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} appear twice")
+    known = {f.name for f in dataclasses.fields(StudyArguments)}
+    args = StudyArguments(**{k: v for k, v in first["args"].items() if k in known})
+    args.output_dir, args.seeds, args.merge = output_dir, ",".join(map(str, seeds)), ",".join(folders)
+    configs, variants, _ = _study_configs(args)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_study(out, args, configs, variants, first["corpus"], per_seed, first["baseline"])
 
 
 def _seed_result(seed: int, runs: dict, baseline: str, args: StudyArguments) -> dict:

@@ -4,6 +4,8 @@
     python scripts/compare_dense.py --seeds 0,1,2         # three seeds (three times as long)
     python scripts/compare_dense.py --variants "dense:num_experts=0,intermediate_size=1024;moe:num_experts=8,num_experts_per_tok=2,moe_intermediate_size=512" --router_lr_scale 2
     python scripts/compare_dense.py --smoke               # tiny shapes, 20 steps (tests)
+    python scripts/compare_dense.py --seeds 1 --output_dir out/s1 ...   # a seed per process (and folder), then:
+    python scripts/compare_dense.py --merge out/s0,out/s1,out/s2 --output_dir out/merged   # one table of all seeds
 
 Writes results.json, results.md (the table) and loss_curves.png to --output_dir. All logic lives in
 `modeling_sparse_moe.pretraining.run_dense_comparison`.

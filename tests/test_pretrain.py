@@ -186,6 +186,32 @@ def test_compare_dense_smoke(tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
 
+def test_compare_dense_merge_joins_seeds_run_apart(tmp_path):
+    """Seeds run as separate processes merge into one table: the merged per-seed rows are the originals, the table's
+    mean is over both seeds, and a folder from a different study is refused by name."""
+    from modeling_sparse_moe.pretraining import merge_dense_comparisons
+
+    folders = []
+    for seed in (0, 1):
+        folder = tmp_path / f"s{seed}"
+        run_dense_comparison(StudyArguments(output_dir=str(folder), smoke=True, steps=6, seeds=str(seed)))
+        folders.append(str(folder))
+    merged = run_dense_comparison(StudyArguments(output_dir=str(tmp_path / "all"), merge=",".join(folders)))
+    originals = [json.loads((Path(f) / "results.json").read_text())["seeds"][0] for f in folders]
+    assert [r["seed"] for r in merged["seeds"]] == [0, 1]
+    assert merged["seeds"] == originals
+    finals = [r["models"]["moe-8x32-top2"]["final_eval_loss"] for r in originals]
+    mean = sum(finals) / 2
+    std = (sum((f - mean) ** 2 for f in finals)) ** 0.5  # n - 1 = 1
+    assert f"| {mean:.3f} ± {std:.3f} |" in (tmp_path / "all" / "results.md").read_text()
+    other = tmp_path / "other"
+    run_dense_comparison(StudyArguments(output_dir=str(other), smoke=True, steps=4, seeds="2"))
+    with pytest.raises(ValueError, match="differs in steps"):
+        merge_dense_comparisons([folders[0], str(other)], str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"seed\(s\) \[0\] appear twice"):
+        merge_dense_comparisons([folders[0], folders[0]], str(tmp_path / "bad"))
+
+
 # ------------------------------------------------------------------------------------------------------ --streaming
 def _jsonl(path, texts):
     path.write_text("".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in enumerate(texts)))
