@@ -74,7 +74,8 @@ class Size:
 
 
 # NOTE: QA fine-tuning at lr 2e-3 sits at a cliff: on two pretrained models of the same recipe it gave F1 77.5 and 52.4
-# (3e-3: 50.4); 1e-3 and 1.5e-3 gave 73.6 and 74.2 on the second (docs/tasks.md), so the QA stage uses 1e-3.
+# (3e-3: 50.4); 1e-3 and 1.5e-3 gave 73.6 and 74.2 on the second (1 thread; 67.2 inside the quickstart on 2 threads),
+# so the QA stage uses 1e-3 (docs/tasks.md).
 # NOTE: the MoE shape of "small" and "demo" is the one the MoE-vs-dense studies (docs/training.md, docs/tasks.md)
 # found best at this scale; "smoke" only checks that every stage runs. The router balancing is the recipes' default
 # (`pretraining.BALANCED_ROUTER`): configs/demo carries it, "smoke" sets it on configs/tiny.
