@@ -4,6 +4,11 @@ Importing the package registers `SparseMoEConfig` (model_type "sparse_moe") and 
 and marks them for `auto_map` so `save_pretrained` writes remote code that loads without this package.
 """
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -32,6 +37,39 @@ from .modeling_sparse_moe import (
 )
 
 __version__ = "0.1.0"
+
+# Modules that moved into subpackages keep their old import paths (`import modeling_sparse_moe.conversion`,
+# `from modeling_sparse_moe.hub import save_for_hub`): the old name is an alias of the new module, imported on first use.
+MOVED_MODULES = {
+    "conversion": "interop.conversion",
+    "export": "interop.export",
+    "hub": "interop.hub",
+    "memory_planner": "compression.memory_planner",
+    "data": "recipes.data",
+    "training": "recipes.training",
+    "pretraining": "recipes.pretraining",
+    "plotting": "recipes.plotting",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds `modeling_sparse_moe.<old>` for every entry of MOVED_MODULES and returns the module at its new path."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        prefix, _, name = fullname.rpartition(".")
+        if prefix != __name__ or name not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return importlib.import_module(f"{__name__}.{MOVED_MODULES[spec.name.rpartition('.')[2]]}")
+
+    def exec_module(self, module):
+        pass  # the new module is already executed
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())
 
 AUTO_CLASSES = {
     "AutoModel": (AutoModel, SparseMoEModel),

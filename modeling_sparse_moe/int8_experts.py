@@ -39,8 +39,7 @@ from torch import nn
 
 from transformers.activations import ACT2FN
 
-from .modeling_sparse_moe import KeepBuffersFp32
-from .moe_dispatch import _define_op, plan_dispatch
+from .moe_primitives import KeepBuffersFp32, define_op, plan_dispatch
 
 
 INT8_MAX = 127
@@ -137,7 +136,7 @@ def _int8_experts_kernel(x, top_k_index, top_k_weights, gate_up, gate_up_scale, 
 
 # NOTE: under torch.compile the planned path's host read would break the graph; inside an opaque custom op (with a
 # fake) it does not, and the model still compiles in one graph (`fullgraph=True`), as moe_dispatch's planned ops.
-_define_op(
+define_op(
     "int8_experts", _int8_experts_kernel,
     "(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor gate_up_scale, Tensor down, "
     "Tensor down_scale, str act) -> Tensor",

@@ -42,6 +42,7 @@ from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 
 from .configuration_sparse_moe import SparseMoEConfig
+from .moe_primitives import KeepBuffersFp32
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 from .quantization import (
     after_from_pretrained,
@@ -292,22 +293,6 @@ class SparseMoEMLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------- routing
-class KeepBuffersFp32:
-    """Mixin for an `nn.Module` whose buffers named in `_fp32_buffers` stay fp32 under `model.to(dtype)`; only their
-    device follows. Used by the router (bias and loads) and by int8 experts (their scales)."""
-
-    _fp32_buffers: tuple[str, ...] = ()
-
-    def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers[name] for name in self._fp32_buffers}
-        super()._apply(fn, recurse)
-        for name, before in kept.items():
-            after = self._buffers[name]
-            if after is not None and after.dtype != torch.float32:
-                self._buffers[name] = before.to(after.device) if not before.is_meta else after.float()
-        return self
-
-
 class SparseMoERouter(KeepBuffersFp32, nn.Module):
     """Top-k router: softmax (Mixtral/Qwen/OLMoE) or sigmoid with a correction bias and group-limited selection
     (DeepSeek-V3), plus capacity dropping in training.
@@ -421,6 +406,8 @@ class SparseMoEExperts(nn.Module):
     This forward is the eager reference: a loop over experts that received tokens. Fast paths registered in
     transformers' `ExpertsInterface` replace it through `config._experts_implementation`.
     """
+
+    is_sparse_moe_experts = True  # how the quantization files below this one recognise it (quantization.py)
 
     def __init__(self, config: SparseMoEConfig):
         super().__init__()

@@ -63,8 +63,6 @@ gradients always use the loop: it skips idle experts, which `grouped_mm` does no
 """
 
 import contextlib
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +72,7 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface
 from transformers.utils.import_utils import is_torch_greater_or_equal
 
+from .moe_primitives import DispatchPlan, define_op, plan_dispatch
 from .quantization import is_quantized_experts, quantized_experts_forward
 
 
@@ -86,78 +85,6 @@ FUSED_GATE_UP_MAX_BYTES = 32 * 2**20
 # module docstring). Shape B, 2048 tokens (256 rows each), inference: 1.45-1.47x the dense FFN against 1.81x with
 # grouped GEMMs in one interleaved measurement; at 64 rows per expert it is a wash or slightly worse.
 PIPELINE_MIN_ROWS_PER_EXPERT = 128
-
-
-# -------------------------------------------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class DispatchPlan:
-    """Where the rows of one experts call come from and which expert computes them.
-
-    num_tokens, top_k: T and K.
-    rows_N: positions in the flattened (T*K,) assignments of the N computed rows, grouped by expert in expert order;
-        `None` means the rows are the A assignments in their own order (no sort, no un-sort: the decode path).
-    segments: `(expert, start, end)` for every expert with at least one row; rows `start:end` belong to `expert`.
-    offsets_E: (E,) int32 cumulative row counts (the `offs` of `grouped_mm`); `None` when rows are not grouped.
-    num_rows: N.
-    token_N (computed on first use; decode inference never needs it): token each computed row reads, (N,) long.
-    """
-
-    num_tokens: int
-    top_k: int
-    rows_N: torch.Tensor | None
-    segments: tuple[tuple[int, int, int], ...]
-    offsets_E: torch.Tensor | None
-    num_rows: int
-    device: torch.device
-
-    @cached_property
-    def token_N(self) -> torch.Tensor:
-        if self.rows_N is None:
-            return torch.arange(self.num_rows, device=self.device) // self.top_k
-        return self.rows_N // self.top_k
-
-    def idle_experts(self, num_experts: int) -> list[tuple[int, int]]:
-        """Maximal `[start, end)` runs of experts that received no rows (their weight gradients are zero)."""
-        runs, previous_end = [], 0
-        for expert, _, _ in sorted(self.segments) + [(num_experts, 0, 0)]:
-            if expert > previous_end:
-                runs.append((previous_end, expert))
-            previous_end = expert + 1
-        return runs
-
-
-def plan_dispatch(top_k_index_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Group the assignments by expert with one host sync. Indices >= `num_experts` (dropped) are skipped."""
-    num_tokens, top_k = top_k_index_TK.shape
-    device = top_k_index_TK.device
-    experts_A = top_k_index_TK.reshape(-1)
-    num_assignments = experts_A.numel()
-
-    if num_assignments <= num_experts:
-        # NOTE: few assignments (decode): read them to the host (the one sync) and plan there, no device sort.
-        experts = experts_A.tolist()
-        if len(set(experts)) == num_assignments and max(experts, default=-1) < num_experts:
-            # Every assignment is its own expert's only row: rows stay in (T, K) order, nothing to sort or un-sort.
-            segments = tuple((expert, a, a + 1) for a, expert in enumerate(experts))
-            return DispatchPlan(num_tokens, top_k, None, segments, None, num_assignments, device)
-        rows = sorted((a for a in range(num_assignments) if experts[a] < num_experts), key=experts.__getitem__)
-        counts = [0] * num_experts
-        for a in rows:
-            counts[experts[a]] += 1
-        rows_N = torch.tensor(rows, dtype=torch.long, device=device)
-    else:
-        # Stable sort: rows of one expert keep token order, so results do not depend on the sort implementation.
-        sorted_experts_A, order_A = torch.sort(experts_A, stable=True)
-        counts = torch.bincount(sorted_experts_A, minlength=num_experts)[:num_experts].tolist()  # the one host sync
-        rows_N = order_A[: sum(counts)]  # dropped (sentinel) assignments sort to the tail and are cut off here
-    segments, offsets, start = [], [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            segments.append((expert, start, start + count))
-            start += count
-        offsets.append(start)
-    offsets_E = torch.tensor(offsets, dtype=torch.int32, device=device)
-    return DispatchPlan(num_tokens, top_k, rows_N, tuple(segments), offsets_E, start, device)
 
 
 # ----------------------------------------------------------------------------------------------------------- compute
@@ -637,23 +564,11 @@ def _grouped_linear_backward(ctx, grad_AO):
     return (grad_a if need_a else None), (grad_w if need_w else None), None
 
 
-def _define_op(name: str, kernel, schema: str, fake, backward=None, setup_context=None) -> None:
-    """Register `sparse_moe::<name>` with its fake (and autograd formula). NOTE: a model saved to the Hub imports its
-    own copy of this file next to the installed package's: each op is defined once per process (the copies are the
-    same code)."""
-    if hasattr(torch.ops.sparse_moe, name):
-        return
-    torch.library.custom_op(f"sparse_moe::{name}", kernel, mutates_args=(), schema=schema)
-    torch.library.register_fake(f"sparse_moe::{name}", fake)
-    if backward is not None:
-        torch.library.register_autograd(f"sparse_moe::{name}", backward, setup_context=setup_context)
-
-
-_define_op(
+define_op(
     "grouped_linear", _grouped_linear_kernel, "(Tensor a, Tensor w, Tensor offsets) -> Tensor", _grouped_linear_fake,
     _grouped_linear_backward, _grouped_linear_setup_context,
 )
-_define_op(
+define_op(
     "grouped_linear_backward", _grouped_linear_backward_kernel,
     "(Tensor grad, Tensor a, Tensor w, Tensor offsets, bool need_a, bool need_w) -> (Tensor, Tensor)",
     _grouped_linear_backward_fake,
@@ -759,17 +674,17 @@ def _empty_unless(needed: bool, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(like.shape) if needed else like.new_empty(0)
 
 
-_define_op(
+define_op(
     "planned_up", _planned_up_kernel, "(Tensor x, Tensor top_k_index, Tensor gate_up) -> Tensor",
     lambda x, index, gate_up: x.new_empty(index.numel(), gate_up.shape[1]),
     _planned_up_backward, _planned_up_setup_context,
 )
-_define_op(
+define_op(
     "planned_down", _planned_down_kernel, "(Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down) -> Tensor",
     lambda h, weights, index, down: h.new_empty(index.shape[0], down.shape[1]),
     _planned_down_backward, _planned_down_setup_context,
 )
-_define_op(
+define_op(
     "planned_down_backward", _planned_down_backward_kernel,
     "(Tensor grad, Tensor h, Tensor top_k_weights, Tensor top_k_index, Tensor down, bool need_weights, "
     "bool need_down, bool need_h) -> (Tensor, Tensor, Tensor)",
@@ -777,14 +692,14 @@ _define_op(
         _empty_unless(need_weights, weights), _empty_unless(need_down, down), _empty_unless(need_h, h)
     ),
 )
-_define_op(
+define_op(
     "planned_up_backward", _planned_up_backward_kernel,
     "(Tensor grad_h, Tensor x, Tensor top_k_index, Tensor gate_up, bool need_x, bool need_gate_up) -> (Tensor, Tensor)",
     lambda grad_h, x, index, gate_up, need_x, need_gate_up: (
         _empty_unless(need_x, x), _empty_unless(need_gate_up, gate_up)
     ),
 )
-_define_op(
+define_op(
     "planned_inference", _planned_inference_kernel,
     "(Tensor x, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up, Tensor down) -> Tensor",
     lambda x, index, weights, gate_up, down: x.new_empty(x.shape),

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .moe_primitives import plan_dispatch
 
 
 CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when experts are quantized
@@ -246,8 +247,6 @@ def quantized_experts_forward(
     put back in (T, K) order; the K slots are summed in fp32 in a fixed order, as the eager reference.
     Dropped assignments (index E) are never computed. LoRA factors attached by `ParamWrapper4bit` are added per
     expert. (T, D) in the dtype of `hidden_states`."""
-    from .moe_dispatch import plan_dispatch  # sibling import here: moe_dispatch imports this module
-
     num_tokens, top_k = top_k_index.shape
     compute_dtype = _dtype(experts.quant_spec["compute_dtype"])
     lora = getattr(experts, "_lora_factors", None) or {}
@@ -303,10 +302,10 @@ def disable_cpu_weight_repacking(model: nn.Module) -> int:
 
 # -------------------------------------------------------------------------------------------------- model-level API
 def _experts_modules(model: nn.Module):
-    from .modeling_sparse_moe import SparseMoEExperts
-
+    # NOTE: by a class attribute, not `isinstance`: this file sits below the model file (moe_primitives.py), and a Hub
+    # folder's copy of `SparseMoEExperts` is another class than the installed package's.
     for name, module in model.named_modules():
-        if isinstance(module, SparseMoEExperts):
+        if getattr(type(module), "is_sparse_moe_experts", False):
             yield name, module
 
 

@@ -7,13 +7,13 @@
 
 Stages, each through the library code of the recipe a user would run by hand (nothing here trains on its own):
   1. tokenizer    a byte-level BPE on the English corpus plus the French side of the translation training pairs
-  2. pretrain     `modeling_sparse_moe.pretraining` (scripts/pretrain.py) on the World English Bible
+  2. pretrain     `modeling_sparse_moe.recipes.pretraining` (scripts/pretrain.py) on the World English Bible
   3. translation  `modeling_sparse_moe.tasks.translation` (scripts/finetune_translation.py): EN->FR Bible verses
   4. qa           `modeling_sparse_moe.tasks.qa` (scripts/finetune_qa.py): extractive QA on country facts, held-out
                   countries
-  5. pictures     `modeling_sparse_moe.plotting`: loss curves, expert load, a sentence's per-token experts,
+  5. pictures     `modeling_sparse_moe.recipes.plotting`: loss curves, expert load, a sentence's per-token experts,
                   expert specialisation
-  6. hub          `modeling_sparse_moe.hub.save_for_hub` (card with the measured metrics), reloaded in a fresh
+  6. hub          `modeling_sparse_moe.interop.hub.save_for_hub` (card with the measured metrics), reloaded in a fresh
                   process with `trust_remote_code=True`
   7. summary      a table of every stage's metric before -> after and its time, and where each artifact is
 
@@ -166,7 +166,7 @@ def _common_trainer_flags(out: Path, size: Size, steps: int, lr: float | None = 
 
 
 def stage_tokenizer(folder: Path, size: Size, state: State) -> dict:
-    from .data import load_bible_corpus, train_tokenizer
+    from .recipes.data import load_bible_corpus, train_tokenizer
     from .tasks.data import bible_translation_dataset
 
     english = load_bible_corpus(max_chars=size.corpus_chars)
@@ -196,7 +196,7 @@ def stage_pretrain(folder: Path, size: Size, state: State) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import pretraining
+    from .recipes import pretraining
     from .configs import config_path
 
     tokenizer_dir = state.result("tokenizer")["path"]
@@ -313,8 +313,8 @@ def stage_qa(folder: Path, size: Size, state: State) -> dict:
 def stage_pictures(folder: Path, size: Size, state: State) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import plotting
-    from .data import load_bible_corpus
+    from .recipes import plotting
+    from .recipes.data import load_bible_corpus
 
     pretrain = state.result("pretrain")
     out = folder / "pictures"
@@ -355,7 +355,7 @@ def stage_hub(folder: Path, size: Size, state: State) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hub import ModelCardInfo, save_for_hub
+    from .interop.hub import ModelCardInfo, save_for_hub
 
     translation = state.result("translation")
     pretrain = state.result("pretrain")

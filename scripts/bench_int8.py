@@ -15,7 +15,7 @@ scripts/bench_compile.py); compiled prefill is `torch.compile(model, dynamic=Fal
 over the variants of a measure (median of `--repeats`), and each is timed twice: wall clock, and the process's CPU
 time (`time.process_time`), which moves far less than the wall clock when other processes share the cores. Ratios
 are against fp32 in the same mode. Perplexity: mean next-token cross-entropy of the LM head alone (no router losses)
-over the held-out validation blocks of `modeling_sparse_moe.pretraining` (the split pretraining evaluates on).
+over the held-out validation blocks of `modeling_sparse_moe.recipes.pretraining` (the split pretraining evaluates on).
 Writes JSON (default bench_results/bench_int8.json).
 """
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_model import parse_workload, run_and_report, workload_parser  # noqa: E402
 
-from modeling_sparse_moe import pretraining  # noqa: E402
+from modeling_sparse_moe.recipes import pretraining  # noqa: E402
 from modeling_sparse_moe.configs import config_path  # noqa: E402
 from modeling_sparse_moe.int8_experts import quantize_experts_int8  # noqa: E402
 

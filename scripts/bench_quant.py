@@ -50,7 +50,7 @@ def nf4_config(compute_dtype=torch.float32) -> BitsAndBytesConfig:
 
 def quick_model(folder: Path) -> Path:
     """A random tiny model with a small tokenizer (smoke runs): widths divisible by 64."""
-    from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
+    from modeling_sparse_moe.recipes.data import load_text_corpus, train_tokenizer
 
     tokenizer = train_tokenizer(load_text_corpus(max_chars=50_000), vocab_size=512)
     config = quick_config(vocab_size=len(tokenizer))
@@ -102,7 +102,7 @@ def model_variants(folder: Path) -> dict:
 
 def validation_blocks(folder: Path, block_size: int, max_blocks: int, max_corpus_chars: int | None) -> torch.Tensor:
     """Held-out World English Bible blocks: pretraining's fixed validation split (the chapters the model never saw)."""
-    from modeling_sparse_moe import pretraining
+    from modeling_sparse_moe.recipes import pretraining
 
     data_args = pretraining.DataTrainingArguments(max_corpus_chars=max_corpus_chars)
     raw = pretraining.load_raw_datasets(data_args)
@@ -214,7 +214,7 @@ def run(args) -> dict:
     fp, nf4 = report["variants"]["fp32"], report["variants"]["nf4"]
     report["perplexity_ratio_nf4"] = nf4["perplexity"] / fp["perplexity"]
     # LoRA data: training blocks of the same corpus (the first texts; the validation chapters are held out)
-    from modeling_sparse_moe import pretraining
+    from modeling_sparse_moe.recipes import pretraining
 
     data_args = pretraining.DataTrainingArguments(max_corpus_chars=chars or 400_000)
     raw = pretraining.load_raw_datasets(data_args)

@@ -8,14 +8,14 @@
     python scripts/compare_dense.py --merge out/s0,out/s1,out/s2 --output_dir out/merged   # one table of all seeds
 
 Writes results.json, results.md (the table) and loss_curves.png to --output_dir. All logic lives in
-`modeling_sparse_moe.pretraining.run_dense_comparison`.
+`modeling_sparse_moe.recipes.study.run_dense_comparison`.
 """
 
 import logging
 
 from transformers import HfArgumentParser
 
-from modeling_sparse_moe.pretraining import StudyArguments, run_dense_comparison
+from modeling_sparse_moe.recipes.study import StudyArguments, run_dense_comparison
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)

@@ -14,7 +14,7 @@ temporary folder next to it and renamed at the end: a failed run leaves no DST b
 import argparse
 import sys
 
-from modeling_sparse_moe.conversion import MOE_FAMILIES, convert_folder, upcycle_folder
+from modeling_sparse_moe.interop.conversion import MOE_FAMILIES, convert_folder, upcycle_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

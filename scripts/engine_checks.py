@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from modeling_sparse_moe.engine_checks import ENGINES, check_model, markdown
+from engine_harness import ENGINES, check_model, markdown
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,8 +14,8 @@ DST is built in a temporary folder next to it and renamed at the end: a failed r
 import argparse
 import sys
 
-from modeling_sparse_moe.conversion import MOE_FAMILIES
-from modeling_sparse_moe.export import GGUF_TYPES, LLAMA_QUANTIZE_TYPES, export_for_serving
+from modeling_sparse_moe.interop.conversion import MOE_FAMILIES
+from modeling_sparse_moe.interop.export import GGUF_TYPES, LLAMA_QUANTIZE_TYPES, export_for_serving
 
 
 def parse_args(argv=None) -> argparse.Namespace:

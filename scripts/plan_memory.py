@@ -6,7 +6,7 @@ for any model config, computed from the model's own tensor shapes on the meta de
     python scripts/plan_memory.py demo --lora_r 64 --lora_target attention,experts --per_device_train_batch_size 4 \
         --block_size 1024 --double_quant --json plan.json
 
-Layouts, the QLoRA terms and the activation formula are documented in modeling_sparse_moe/memory_planner.py and
+Layouts, the QLoRA terms and the activation formula are documented in modeling_sparse_moe/compression/memory_planner.py and
 docs/quantization-int8-and-planning.md. Prints one table per config; `--json` writes every figure in bytes.
 """
 
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_sparse_moe.memory_planner import GPU_SIZES, LORA_TARGETS, plan_memory  # noqa: E402
+from modeling_sparse_moe.compression.memory_planner import GPU_SIZES, LORA_TARGETS, plan_memory  # noqa: E402
 
 
 def parse_args(argv=None):

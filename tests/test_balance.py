@@ -7,11 +7,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup, set_seed
 
 from conftest import tiny_config
-from modeling_sparse_moe import pretraining, quickstart
+from modeling_sparse_moe import quickstart
+from modeling_sparse_moe.recipes import pretraining, study
 from modeling_sparse_moe.configs import config_path
 from modeling_sparse_moe.modeling_sparse_moe import update_router_biases
-from modeling_sparse_moe.pretraining import BALANCED_ROUTER, STUDY_BASE, expert_shares
-from modeling_sparse_moe.training import RouterTelemetry
+from modeling_sparse_moe.recipes.pretraining import BALANCED_ROUTER
+from modeling_sparse_moe.recipes.study import STUDY_BASE, expert_shares
+from modeling_sparse_moe.recipes.training import RouterTelemetry
 
 OLD_DEFAULT = {"router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001, "router_bias_update_rate": 0.0}
 # The goal for the quickstart: every expert of every layer gets at least 0.3x the uniform share at the end.
@@ -90,15 +92,15 @@ def test_expert_shares_are_multiples_of_the_uniform_share():
 
 
 def test_study_variants_carry_router_learning_rate_and_init():
-    overrides, options = pretraining._split_run_options(
+    overrides, options = study._split_run_options(
         "num_experts=8,router_lr_scale=0.1,mlp_only_layers=[0,1],router_init_std=0"
     )
     assert overrides == "num_experts=8,mlp_only_layers=[0,1]"
     assert options == {"router_lr_scale": 0.1, "router_init_std": 0.0}
     with pytest.raises(ValueError, match="router_lr_scale='fast' is not a number"):
-        pretraining._split_run_options("router_lr_scale=fast")
-    args = pretraining.StudyArguments(learning_rate=1e-3)
-    run = pretraining._StudyRun("x", tiny_config(), args, seed=0, options=options)
+        study._split_run_options("router_lr_scale=fast")
+    args = study.StudyArguments(learning_rate=1e-3)
+    run = study._StudyRun("x", tiny_config(), args, seed=0, options=options)
     routers = [p for n, p in run.model.named_parameters() if n.endswith("mlp.gate.weight")]
     assert routers and all(float(p.detach().abs().max()) == 0.0 for p in routers)
     assert run.optimizer.param_groups[-1]["lr"] == pytest.approx(1e-4 * 0)  # scheduler warmup starts at 0
@@ -106,9 +108,9 @@ def test_study_variants_carry_router_learning_rate_and_init():
 
 
 def test_quickstart_preset_sets_the_quickstart_optimisation_and_explicit_flags_win():
-    args = pretraining.StudyArguments(preset="quickstart", steps=1600)
-    pretraining._apply_preset(args)
+    args = study.StudyArguments(preset="quickstart", steps=1600)
+    study._apply_preset(args)
     assert (args.steps, args.learning_rate, args.warmup_steps, args.weight_decay, args.adam_beta2) == (
         1600, 2e-3, 20, 0.0, 0.999)
     with pytest.raises(ValueError, match="only preset is 'quickstart'"):
-        pretraining._apply_preset(pretraining.StudyArguments(preset="nope"))
+        study._apply_preset(study.StudyArguments(preset="nope"))

@@ -176,7 +176,7 @@ NOT_USER_SET = {"transformers_version"}
 
 def _recipe_config(overrides):
     """What `scripts/pretrain.py --config_name tiny --config_overrides ...` (and the quickstart) builds."""
-    from modeling_sparse_moe.pretraining import ModelArguments, build_config
+    from modeling_sparse_moe.recipes.pretraining import ModelArguments, build_config
 
     return build_config(ModelArguments(config_name="tiny", config_overrides=overrides))
 
@@ -211,7 +211,7 @@ def test_config_overrides_set_every_field(field):
 ])
 def test_none_and_declared_types(text, field, value):
     start = _recipe_config("capacity_factor=1.25,sliding_window=64,qk_norm=head")
-    from modeling_sparse_moe.pretraining import apply_config_overrides
+    from modeling_sparse_moe.recipes.pretraining import apply_config_overrides
 
     config = apply_config_overrides(start, text)
     assert getattr(config, field) == value and type(getattr(config, field)) is type(value)
@@ -238,7 +238,7 @@ def test_bad_override_values_name_the_field(text, field):
 
 def test_task_recipes_take_the_same_overrides():
     """The issue's three: fields whose default is None, which `update_from_string` refused with a TypeError."""
-    from modeling_sparse_moe.data import train_tokenizer
+    from modeling_sparse_moe.recipes.data import train_tokenizer
     from modeling_sparse_moe.tasks.common import ModelArguments, load_config
 
     tokenizer = train_tokenizer(["the same few words again and again"] * 4, vocab_size=300)

@@ -41,7 +41,7 @@ from transformers import (
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM, conversion
-from modeling_sparse_moe.conversion import (
+from modeling_sparse_moe.interop.conversion import (
     convert_folder,
     from_hf,
     hf_config_from_sparse,
@@ -332,7 +332,7 @@ STREAM_SCRIPT = textwrap.dedent(
     import psutil, torch
     from transformers import AutoConfig
     from modeling_sparse_moe import SparseMoEForCausalLM
-    from modeling_sparse_moe.conversion import convert_folder, sparse_config_from_hf
+    from modeling_sparse_moe.interop.conversion import convert_folder, sparse_config_from_hf
 
     # warm-up: modules transformers imports lazily (config classes, meta-device model build) are not checkpoint memory
     with torch.device("meta"):
@@ -708,7 +708,7 @@ def test_cli_failure_mid_stream_leaves_nothing(hf_models, tmp_path, capsys):
 def test_out_of_vocab_pad_token_id_becomes_none():
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from modeling_sparse_moe.conversion import from_hf
+    from modeling_sparse_moe.interop.conversion import from_hf
 
     source = MixtralForCausalLM(MixtralConfig(
         vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import assert_fp32_close, tiny_config
 from modeling_sparse_moe import SparseMoEForCausalLM
-from modeling_sparse_moe.engine_checks import TRANSFORMERS_FLOOR, ensure_venv, run_worker
-from modeling_sparse_moe.hub import save_for_hub
+from engine_harness import TRANSFORMERS_FLOOR, ensure_venv, run_worker
+from modeling_sparse_moe.interop.hub import save_for_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Serving export (`modeling_sparse_moe.export`, `scripts/export.py`): native-family folders with the same logits,
+"""Serving export (`modeling_sparse_moe.interop.export`, `scripts/export.py`): native-family folders with the same logits,
 GGUF files read back with `gguf` (names, shapes, values, tokenizer fields) and run by a numpy reference of
 llama.cpp's `llama` graph, refusals that leave nothing behind."""
 
@@ -18,9 +18,9 @@ import gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling_sparse_moe import SparseMoEForCausalLM
-from modeling_sparse_moe.conversion import convert_folder, from_hf, to_hf
-from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
-from modeling_sparse_moe.export import (
+from modeling_sparse_moe.interop.conversion import convert_folder, from_hf, to_hf
+from modeling_sparse_moe.recipes.data import load_text_corpus, train_tokenizer
+from modeling_sparse_moe.interop.export import (
     export_for_serving,
     gguf_tokenizer_fields,
     pick_family,

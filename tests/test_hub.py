@@ -30,8 +30,8 @@ from safetensors.torch import save as safetensors_save
 
 import modeling_sparse_moe
 from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM, SparseMoEForSequenceClassification
-from modeling_sparse_moe.data import lm_blocks, load_text_corpus, train_tokenizer
-from modeling_sparse_moe.hub import (
+from modeling_sparse_moe.recipes.data import lm_blocks, load_text_corpus, train_tokenizer
+from modeling_sparse_moe.interop.hub import (
     HubFolderError,
     ModelCardInfo,
     auto_map_for_all_heads,

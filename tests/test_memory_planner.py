@@ -1,4 +1,4 @@
-"""The memory planner (modeling_sparse_moe/memory_planner.py) against real models: its fp32 / bf16 / int8 bytes equal
+"""The memory planner (modeling_sparse_moe/compression/memory_planner.py) against real models: its fp32 / bf16 / int8 bytes equal
 `get_memory_footprint()` of real small models, its NF4 layout bitsandbytes' real tensors, its LoRA count PEFT's
 trainable parameters; Hub-style Mixtral config.json files plan like the real Mixtral; the shipped big configs have
 their published sizes."""
@@ -14,7 +14,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from modeling_sparse_moe import SparseMoEForCausalLM
 from modeling_sparse_moe.int8_experts import quantize_experts_int8
-from modeling_sparse_moe.memory_planner import GIB, lora_parameter_count, meta_model, nf4_bytes, plan_memory
+from modeling_sparse_moe.compression.memory_planner import GIB, lora_parameter_count, meta_model, nf4_bytes, plan_memory
 
 from conftest import tiny_config
 

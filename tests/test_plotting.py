@@ -9,8 +9,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
 import modeling_sparse_moe  # noqa: F401
-from modeling_sparse_moe import plotting
-from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
+from modeling_sparse_moe.recipes import plotting
+from modeling_sparse_moe.recipes.data import load_text_corpus, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_sparse_moe  # noqa: F401
-from modeling_sparse_moe.data import load_bible_corpus, load_text_corpus
-from modeling_sparse_moe.pretraining import (
-    StudyArguments,
-    apply_config_overrides,
-    main,
-    parse_config_overrides,
-    run_dense_comparison,
-    steps_to_reach,
-)
-from modeling_sparse_moe.training import is_complete_checkpoint
+from modeling_sparse_moe.recipes.data import load_bible_corpus, load_text_corpus
+from modeling_sparse_moe.recipes.pretraining import apply_config_overrides, main, parse_config_overrides
+from modeling_sparse_moe.recipes.study import StudyArguments, run_dense_comparison, steps_to_reach
+from modeling_sparse_moe.recipes.training import is_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +84,7 @@ def test_eval_loss_is_the_language_model_loss_alone(full_run):
     with torch.no_grad():
         out_train = model.train()(input_ids=ids, labels=ids)
     assert out_train.aux_loss is not None  # so the recipe's eval must remove it: checked through the trainer below
-    from modeling_sparse_moe.pretraining import PretrainingTrainer
+    from modeling_sparse_moe.recipes.pretraining import PretrainingTrainer
 
     trainer = PretrainingTrainer(model=model.eval())
     loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
@@ -189,7 +183,7 @@ def test_compare_dense_smoke(tmp_path):
 def test_compare_dense_merge_joins_seeds_run_apart(tmp_path):
     """Seeds run as separate processes merge into one table: the merged per-seed rows are the originals, the table's
     mean is over both seeds, and a folder from a different study is refused by name."""
-    from modeling_sparse_moe.pretraining import merge_dense_comparisons
+    from modeling_sparse_moe.recipes.study import merge_dense_comparisons
 
     folders = []
     for seed in (0, 1):
@@ -226,8 +220,8 @@ def paragraphs():
 
 def test_streaming_packs_the_same_blocks_in_the_same_order(paragraphs, tmp_path):
     """Over 2,300 texts (three batches of `map`, the last partial), the stream's blocks are the in-memory blocks."""
-    from modeling_sparse_moe.data import train_tokenizer
-    from modeling_sparse_moe.pretraining import (
+    from modeling_sparse_moe.recipes.data import train_tokenizer
+    from modeling_sparse_moe.recipes.pretraining import (
         DataTrainingArguments, load_raw_datasets, tokenize_and_pack, training_blocks)
     from transformers import TrainingArguments
 
@@ -253,7 +247,7 @@ def test_streaming_packs_the_same_blocks_in_the_same_order(paragraphs, tmp_path)
 
 
 def test_streaming_holds_out_texts_without_a_validation_split(paragraphs, tmp_path):
-    from modeling_sparse_moe.pretraining import DataTrainingArguments, load_raw_datasets
+    from modeling_sparse_moe.recipes.pretraining import DataTrainingArguments, load_raw_datasets
 
     texts = paragraphs[:230]
     args = DataTrainingArguments(train_file=str(_jsonl(tmp_path / "t.jsonl", texts)), streaming=True,

@@ -216,7 +216,7 @@ def test_converted_checkpoint_loads_quantized(tmp_path, family):
     (and the shared expert) quantized, logits within NF4's error of the source model's."""
     import transformers
 
-    from modeling_sparse_moe.conversion import from_hf
+    from modeling_sparse_moe.interop.conversion import from_hf
 
     config_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(0)
@@ -392,8 +392,8 @@ def test_save_reload_keeps_logits_and_config(fp_folder, tmp_path):
 def test_hub_folder_of_a_quantized_model_loads_in_a_fresh_process(tmp_path):
     from test_hub import run_fresh_process
 
-    from modeling_sparse_moe.data import load_text_corpus, train_tokenizer
-    from modeling_sparse_moe.hub import save_for_hub
+    from modeling_sparse_moe.recipes.data import load_text_corpus, train_tokenizer
+    from modeling_sparse_moe.interop.hub import save_for_hub
 
     tokenizer = train_tokenizer(load_text_corpus(max_chars=5_000), vocab_size=300)
     torch.manual_seed(0)
@@ -412,7 +412,7 @@ def test_hub_folder_of_a_quantized_model_loads_in_a_fresh_process(tmp_path):
 
 
 def test_to_hf_refuses_a_quantized_model_or_dequantizes_on_request(fp_folder, tmp_path):
-    from modeling_sparse_moe.conversion import to_hf
+    from modeling_sparse_moe.interop.conversion import to_hf
 
     model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
     model.save_pretrained(tmp_path / "q")

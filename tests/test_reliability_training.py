@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import transformers.modeling_utils
 from modeling_sparse_moe import SparseMoEForCausalLM, update_router_biases
 from modeling_sparse_moe.modeling_sparse_moe import SparseMoERouter
-from modeling_sparse_moe.training import atomic_save_pretrained, is_complete_checkpoint, last_complete_checkpoint
+from modeling_sparse_moe.recipes.training import atomic_save_pretrained, is_complete_checkpoint, last_complete_checkpoint
 
 from conftest import tiny_config
 

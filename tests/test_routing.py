@@ -335,7 +335,7 @@ def test_expert_loads_accumulate_over_micro_batches_until_the_update():
 def test_router_bias_callback_updates_biases_once_per_optimizer_step(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from modeling_sparse_moe.training import RouterBiasUpdateCallback
+    from modeling_sparse_moe.recipes.training import RouterBiasUpdateCallback
 
     torch.manual_seed(0)
     config = tiny_config(router_type="sigmoid", router_bias_update_rate=0.01, router_aux_loss_coef=0.0)

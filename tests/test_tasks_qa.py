@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from modeling_sparse_moe.data import train_tokenizer
+from modeling_sparse_moe.recipes.data import train_tokenizer
 from modeling_sparse_moe.tasks import qa
 from modeling_sparse_moe.tasks.common import DataFileError, load_data_file, pick_examples
 from modeling_sparse_moe.tasks.data import country_qa_dataset

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from modeling_sparse_moe.data import train_tokenizer
+from modeling_sparse_moe.recipes.data import train_tokenizer
 from modeling_sparse_moe.tasks import retrieval
 
 from conftest import tiny_config

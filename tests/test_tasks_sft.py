@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from modeling_sparse_moe.data import train_tokenizer
+from modeling_sparse_moe.recipes.data import train_tokenizer
 from modeling_sparse_moe.tasks import sft
 from modeling_sparse_moe.tasks.common import DataFileError
 

@@ -9,7 +9,7 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from modeling_sparse_moe.data import train_tokenizer
+from modeling_sparse_moe.recipes.data import train_tokenizer
 from modeling_sparse_moe.tasks import translation
 from modeling_sparse_moe.tasks.common import DataFileError
 from modeling_sparse_moe.tasks.data import bible_translation_dataset, country_name_pairs

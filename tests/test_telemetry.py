@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 import modeling_sparse_moe  # noqa: F401
-from modeling_sparse_moe.training import (
+from modeling_sparse_moe.recipes.training import (
     CONSOLE_ROUTER_KEYS,
     TELEMETRY_FILE,
     RouterBiasUpdateCallback,
@@ -303,7 +303,7 @@ def _train_for_dead_experts(tmp_path, name, collapse):
 
 
 def test_dead_expert_warning_fires_once_per_expert_on_a_collapsed_router(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="modeling_sparse_moe.training"):
+    with caplog.at_level("WARNING", logger="modeling_sparse_moe.recipes.training"):
         trainer = _train_for_dead_experts(tmp_path, "collapsed", collapse=True)
     warnings = [r.getMessage() for r in caplog.records if "Dead expert" in r.getMessage()]
     named = sorted((layer, expert) for layer in (0, 1) for expert in (2, 3))
@@ -319,7 +319,7 @@ def test_dead_expert_warning_fires_once_per_expert_on_a_collapsed_router(tmp_pat
 
 
 def test_dead_expert_warning_is_quiet_on_a_balanced_router(tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="modeling_sparse_moe.training"):
+    with caplog.at_level("WARNING", logger="modeling_sparse_moe.recipes.training"):
         trainer = _train_for_dead_experts(tmp_path, "balanced", collapse=False)
     assert not [r for r in caplog.records if "Dead expert" in r.getMessage()]
     data = _telemetry_file(trainer)

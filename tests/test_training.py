@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from modeling_sparse_moe import SparseMoEForCausalLM
-from modeling_sparse_moe.data import lm_blocks, load_text_corpus, train_tokenizer
+from modeling_sparse_moe.recipes.data import lm_blocks, load_text_corpus, train_tokenizer
 
 from conftest import tiny_config
 
@@ -79,7 +79,7 @@ def test_label_smoothing_shifts_labels_and_keeps_the_router_losses(tmp_path):
     router losses; plain Trainer (the control) scores unshifted labels and drops the router losses."""
     from transformers.trainer_pt_utils import LabelSmoother
 
-    from modeling_sparse_moe.training import CausalLMTrainer
+    from modeling_sparse_moe.recipes.training import CausalLMTrainer
 
     torch.manual_seed(0)
     config = tiny_config(router_aux_loss_coef=0.1, router_z_loss_coef=0.01)

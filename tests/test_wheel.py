@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from modeling_sparse_moe.configs import CONFIGS_DIR, available_configs
-from modeling_sparse_moe.hub import hub_facing_files
+from modeling_sparse_moe.interop.hub import hub_facing_files
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "modeling_sparse_moe"

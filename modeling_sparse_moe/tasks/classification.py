@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
-from ..training import RouterBiasUpdateCallback
+from ..recipes.training import RouterBiasUpdateCallback
 from . import common
 from .data import sentiment_dataset
 from .peft_utils import apply_lora

@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import modeling_sparse_moe  # noqa: F401  (registers the Auto classes)
 
 from ..configs import resolve_config_name
-from ..data import train_tokenizer
+from ..recipes.data import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def load_config(model_args, tokenizer, **extra):
         config_name = resolve_config_name(model_args.config_name)  # "tiny" or "configs/tiny" from any folder
         config = AutoConfig.from_pretrained(config_name, cache_dir=model_args.cache_dir, **extra)
         if model_args.config_overrides:
-            from ..pretraining import apply_config_overrides  # every recipe parses overrides the same way
+            from ..recipes.pretraining import apply_config_overrides  # every recipe parses overrides the same way
 
             config = apply_config_overrides(config, model_args.config_overrides)
     else:

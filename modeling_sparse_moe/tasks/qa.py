@@ -34,7 +34,7 @@ from transformers import (
     default_data_collator,
 )
 
-from ..training import CausalLMTrainer, RouterBiasUpdateCallback
+from ..recipes.training import CausalLMTrainer, RouterBiasUpdateCallback
 from . import common
 from .data import country_qa_dataset
 from .generation import (

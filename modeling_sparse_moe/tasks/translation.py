@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoModelForCausalLM, Seq2SeqTrainingArguments
 
-from ..training import CausalLMTrainer, RouterBiasUpdateCallback
+from ..recipes.training import CausalLMTrainer, RouterBiasUpdateCallback
 from . import common
 from .data import bible_translation_dataset, country_name_pairs, texts_of
 from .generation import (

@@ -18,7 +18,7 @@ import time
 from .common import write_json
 from .data import bible_translation_dataset, texts_of
 from .. import SparseMoEConfig
-from ..data import train_tokenizer
+from ..recipes.data import train_tokenizer
 
 logger = logging.getLogger(__name__)
 

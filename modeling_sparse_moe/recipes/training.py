@@ -30,7 +30,7 @@ from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .modeling_sparse_moe import (
+from ..modeling_sparse_moe import (
     SparseMoERouter,
     _data_parallel_world,
     _sum_over_ranks,
@@ -78,7 +78,7 @@ class CausalLMTrainer(Trainer):
 
 
 def _is_sparse_moe_causal_lm(model) -> bool:
-    from .modeling_sparse_moe import SparseMoEForCausalLM
+    from ..modeling_sparse_moe import SparseMoEForCausalLM
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
     return isinstance(base, SparseMoEForCausalLM)

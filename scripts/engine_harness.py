@@ -5,7 +5,7 @@
 
 Each engine runs in its own virtual environment (`ensure_venv`, under $SPARSE_MOE_ENGINE_VENVS, default
 ~/.cache/sparse-moe/venvs): vLLM pins an older transformers than this package needs, and llama-cpp-python is built
-from source. The engines run this file as a script (`python engine_checks.py worker KIND REQUEST RESPONSE`), so the
+from source. The engines run this file as a script (`python scripts/engine_harness.py worker KIND REQUEST RESPONSE`), so the
 module imports only the standard library at the top; our side imports torch and transformers inside functions.
 
 Measured the same way for every engine, on token ids made by our tokenizer (the engines' tokenizers are checked
@@ -112,8 +112,8 @@ def check_model(kind: str, model_dir: Path, out: Path, *, prompts: int, max_new_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .tasks.generation import encode_prompt
-    from .tasks.metrics import bleu_chrf
+    from modeling_sparse_moe.tasks.generation import encode_prompt
+    from modeling_sparse_moe.tasks.metrics import bleu_chrf
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -395,8 +395,8 @@ def held_out_prompts(tokenizer, kind: str, count: int, words: int = 10):
     """Prompts from the test split of the Bible translation pairs (chapters no fine-tuning run trains on):
     `kind="translation"`: the translation prompt `[bos] {en} =>` with the French reference; `kind="pretrained"`: the
     first `words` words of the English verse. Returns (texts, token ids, references)."""
-    from .tasks.data import bible_translation_dataset
-    from .tasks.generation import encode_prompt
+    from modeling_sparse_moe.tasks.data import bible_translation_dataset
+    from modeling_sparse_moe.tasks.generation import encode_prompt
 
     rows = bible_translation_dataset("en", "fr")["test"]["translation"][:count]
     if kind == "translation":
@@ -516,8 +516,8 @@ def export_engines_inputs(model_dir: Path, out: Path, log=print) -> dict:
     """The native export with an f16 GGUF, a Q8_0 GGUF, and a Hub folder of ours (current remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .export import export_for_serving
-    from .hub import save_for_hub
+    from modeling_sparse_moe.interop.export import export_for_serving
+    from modeling_sparse_moe.interop.hub import save_for_hub
 
     paths = {}
     native = export_for_serving(model_dir, out / "native", gguf="f16", overwrite=True)

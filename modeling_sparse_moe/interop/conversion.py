@@ -48,8 +48,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from transformers.utils import logging
 from transformers.utils.hub import convert_file_size_to_int
 
-from .configuration_sparse_moe import SparseMoEConfig
-from .modeling_sparse_moe import AUTO_MAP, SparseMoEForCausalLM
+from ..configuration_sparse_moe import SparseMoEConfig
+from ..modeling_sparse_moe import AUTO_MAP, SparseMoEForCausalLM
 
 
 logger = logging.get_logger(__name__)
@@ -137,7 +137,7 @@ def _full_precision(model_or_path, dequantize: bool):
             "weights. Convert the full-precision checkpoint instead, or pass dequantize=True to convert the "
             "dequantized 4-bit weights (modeling_sparse_moe.quantization.dequantize_model)."
         )
-    from .quantization import dequantize_model
+    from ..quantization import dequantize_model
 
     if isinstance(model_or_path, torch.nn.Module):
         return dequantize_model(copy.deepcopy(model_or_path))

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
-from .modeling_sparse_moe import SparseMoERouter  # noqa: E402
+from ..modeling_sparse_moe import SparseMoERouter  # noqa: E402
 
 DPI = 100
 

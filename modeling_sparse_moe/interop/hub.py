@@ -2,7 +2,7 @@
 
 Not Hub-facing: this module runs only where the package is installed, so it may use huggingface_hub and jinja2.
 
-    from modeling_sparse_moe.hub import ModelCardInfo, push_folder_to_hub, save_for_hub, validate_hub_folder
+    from modeling_sparse_moe.interop.hub import ModelCardInfo, push_folder_to_hub, save_for_hub, validate_hub_folder
 
     save_for_hub(model, "outputs/tiny-moe", tokenizer, max_shard_size="2GB", card=ModelCardInfo(repo_id="me/tiny-moe"))
     validate_hub_folder("outputs/tiny-moe")          # what `scripts/push_to_hub.py --dry-run` runs
@@ -38,7 +38,9 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects
 from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_imports, get_relative_imports
 
-from . import AUTO_CLASSES, SparseMoEConfig, __version__
+from .. import AUTO_CLASSES, SparseMoEConfig, __version__
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the Hub-facing model files live at the package's top
 
 try:  # the HTTP client's network-failure base class: httpx2 under huggingface_hub 2.x, httpx under 1.x
     from httpx2 import TransportError
@@ -158,9 +160,9 @@ def hub_facing_files() -> list[Path]:
     whatever they import relatively (computed from the code, so a new sibling such as a dispatch module is included
     as soon as the modeling file imports it)."""
     entries = {Path(sys.modules[cls.__module__].__file__) for cls in [SparseMoEConfig] + _model_classes()}
-    files, problems = remote_code_closure(sorted(entries), [Path(__file__).parent])
+    files, problems = remote_code_closure(sorted(entries), [PACKAGE_DIR])
     if problems:
-        raise HubFolderError(Path(__file__).parent, problems)
+        raise HubFolderError(PACKAGE_DIR, problems)
     return files
 
 
@@ -186,7 +188,7 @@ def complete_hub_folder(folder: str | Path) -> list[str]:
         # Same layout as PreTrainedConfig.to_json_file, so the file reads as if transformers wrote it.
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    package_dir = Path(__file__).parent
+    package_dir = PACKAGE_DIR
     entries = []
     for stem in sorted({ref.rpartition(".")[0] for ref in auto_map.values() if isinstance(ref, str)}):
         path = folder / f"{stem}.py"
@@ -246,7 +248,7 @@ class ModelCardInfo:
 def card_template() -> str:
     """The Jinja template of the card, read from the installed package (`model_card.md` at the repository root is
     the same file, kept for readers of the source)."""
-    return resources.files(__package__).joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
+    return resources.files("modeling_sparse_moe").joinpath(CARD_TEMPLATE).read_text(encoding="utf-8")
 
 
 def build_model_card(
@@ -513,7 +515,7 @@ def _check_config(folder: Path, problems: list[str]) -> tuple[dict | None, dict[
     missing = [name for name in auto_map_for_all_heads() if name not in auto_map]
     if missing:
         problems.append(
-            f"config.json auto_map lacks {', '.join(missing)}: run modeling_sparse_moe.hub.complete_hub_folder(folder)"
+            f"config.json auto_map lacks {', '.join(missing)}: run modeling_sparse_moe.interop.hub.complete_hub_folder(folder)"
         )
     architectures = config.get("architectures") or []
     architecture = architectures[0] if architectures else ""
@@ -618,7 +620,7 @@ def _check_tokenizer(folder: Path, files: list[str], config: dict, problems: lis
 def _check_card(folder: Path, problems: list[str], notes: list[str], repo_id: str | None) -> ModelCard | None:
     path = folder / CARD_FILE
     if not path.is_file():
-        problems.append("README.md (the model card) is missing: write it with modeling_sparse_moe.hub.write_model_card")
+        problems.append("README.md (the model card) is missing: write it with modeling_sparse_moe.interop.hub.write_model_card")
         return None
     try:
         card = ModelCard.load(path)

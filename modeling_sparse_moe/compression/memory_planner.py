@@ -2,7 +2,7 @@
 """How much memory a model needs, before buying the GPU: weights with bf16 / int8 / NF4 experts, the QLoRA
 training footprint, and which common GPU sizes hold it.
 
-    from modeling_sparse_moe.memory_planner import plan_memory
+    from modeling_sparse_moe.compression.memory_planner import plan_memory
 
     plan = plan_memory("mixtral-8x7b")                       # a shipped config, a folder, or a config.json path
     print(plan.table())                                       # or: python scripts/plan_memory.py mixtral-8x7b
@@ -59,10 +59,10 @@ from torch import nn
 
 from transformers import AutoConfig, PretrainedConfig
 
-from .configs import CONFIGS_DIR, available_configs
-from .configuration_sparse_moe import SparseMoEConfig
-from .int8_experts import quantize_experts_int8
-from .modeling_sparse_moe import SparseMoEExperts, SparseMoEForCausalLM
+from ..configs import CONFIGS_DIR, available_configs
+from ..configuration_sparse_moe import SparseMoEConfig
+from ..int8_experts import quantize_experts_int8
+from ..modeling_sparse_moe import SparseMoEExperts, SparseMoEForCausalLM
 
 
 GIB = 2**30
@@ -104,7 +104,7 @@ def load_planner_config(spec: str | PretrainedConfig) -> SparseMoEConfig:
         config = AutoConfig.from_pretrained(str(path))
     if config.model_type == SparseMoEConfig.model_type:
         return config
-    from .conversion import sparse_config_from_hf  # converts or raises a ValueError naming what it cannot express
+    from ..interop.conversion import sparse_config_from_hf  # converts or raises a ValueError naming what it cannot express
 
     return sparse_config_from_hf(config)
 

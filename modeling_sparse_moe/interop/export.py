@@ -37,7 +37,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging
 
-from .configuration_sparse_moe import SparseMoEConfig
+from ..configuration_sparse_moe import SparseMoEConfig
 from .conversion import (
     MOE_FAMILIES,
     _atomic_output_dir,
@@ -256,7 +256,7 @@ def _merge_adapter(base: Path, adapter: Path):
     """The base model with the LoRA adapter merged into its weights (PEFT's `merge_and_unload`)."""
     from peft import PeftModel
 
-    from .modeling_sparse_moe import SparseMoEForCausalLM
+    from ..modeling_sparse_moe import SparseMoEForCausalLM
 
     model = SparseMoEForCausalLM.from_pretrained(base)
     return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
