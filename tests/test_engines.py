@@ -1,6 +1,6 @@
 """Engine checks (marked `engines`, skipped unless SPARSE_MOE_ENGINE_CHECKS=1): a Hub folder of ours on the lowest
 transformers we support, and the engine-check script at smoke size (vLLM, llama.cpp, our generate()). They build
-their environments under $SPARSE_MOE_ENGINE_VENVS on first use (`engine_checks.ensure_venv`): minutes to tens of
+their environments under $SPARSE_MOE_ENGINE_VENVS on first use (`ensure_venv` in scripts/engine_harness.py): minutes to tens of
 minutes. The first test (not marked) keeps pyproject's lower bound and the checked floor the same version."""
 
 import re
@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 from conftest import assert_fp32_close, tiny_config
 from modeling_sparse_moe import SparseMoEForCausalLM
-from engine_harness import TRANSFORMERS_FLOOR, ensure_venv, run_worker
 from modeling_sparse_moe.interop.hub import save_for_hub
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # the engine-check harness is a script, outside the package
+from engine_harness import TRANSFORMERS_FLOOR, ensure_venv, run_worker  # noqa: E402
 
 
 def test_pyproject_lower_bound_is_the_checked_floor():
