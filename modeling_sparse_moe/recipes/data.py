@@ -132,12 +132,22 @@ def load_multilingual_bible(
     connection = sqlite3.connect(f"file:{bible_db_path()}?mode=ro", uri=True)
     try:
         chapters_by_language = {}
+        last = (10**6, 0)  # (book, chapter) of the last chapter read
+        if max_chapters is not None:
+            if max_chapters < 1:
+                raise ValueError(f"max_chapters={max_chapters} must be >= 1")
+            keys = connection.execute(
+                "SELECT DISTINCT bNumber, cNumber FROM bible WHERE bbName = ? ORDER BY bNumber, cNumber LIMIT ?",
+                (MULTILINGUAL_BIBLES[codes[0]][0], max_chapters),
+            ).fetchall()
+            last = keys[-1] if keys else last
         for code in codes:
             version = MULTILINGUAL_BIBLES[code][0]
             chapters: dict[tuple[int, int], list[str]] = {}
             for book, chapter, text in connection.execute(
-                "SELECT bNumber, cNumber, vText FROM bible WHERE bbName = ? ORDER BY bNumber, cNumber, vNumber",
-                (version,),
+                "SELECT bNumber, cNumber, vText FROM bible WHERE bbName = ? AND (bNumber < ? OR (bNumber = ? AND "
+                "cNumber <= ?)) ORDER BY bNumber, cNumber, vNumber",
+                (version, last[0], last[0], last[1]),
             ):
                 chapters.setdefault((book, chapter), []).append(text)
             if not chapters:

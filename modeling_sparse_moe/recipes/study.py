@@ -583,6 +583,11 @@ def run_dense_comparison(args: StudyArguments) -> dict:
                           for name, run in runs.items()}
                 logger.info("seed %d step %d (%.0f s): %s", seed, step, time.perf_counter() - wall,
                             ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
+                # curves so far, so that a run stopped early still leaves its evidence
+                (out / f"progress_seed{seed}.json").write_text(json.dumps({
+                    "seed": seed, "step": step, "wall_seconds": time.perf_counter() - wall,
+                    "models": {n: {"eval_loss": r.eval_loss, "final_evals": r.final_losses, "train_seconds": r.seconds}
+                               for n, r in runs.items()}}, indent=1))
         result = _seed_result(seed, runs, baseline, args)
         if len(corpus["languages"]) > 1:
             for name, run in runs.items():
@@ -764,22 +769,64 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
             + (f", min share {m['final_min_share']:.2f}" if m.get("final_min_share") is not None else "")
             for n, m in r["models"].items() if n != baseline
         )
-        lines.append(f"- seed {r['seed']}: {baseline} final {r['target']:.4f}; {cells}")
+        lines.append(f"- seed {r['seed']}: {baseline} final {r['models'][baseline]['final_eval_loss']:.4f} "
+                     f"(curve target {r['target']:.4f}); {cells}")
+    languages = corpus.get("languages") or []
+    specialised = {}
+    for name in configs:
+        counts = [r["models"][name]["language_counts"] for r in per_seed if r["models"][name].get("language_counts")]
+        if counts:
+            specialised[name] = language_specialisation(language_shares(_sum_counts(counts)))
+    if specialised:
+        lines += ["", f"Language specialisation (mean over layers and experts of an expert's largest language share, "
+                  f"after normalising by each language's tokens; {1 / len(languages):.3f} = none, 1.0 = one language "
+                  f"per expert): " + ", ".join(f"{n} {v:.3f}" for n, v in specialised.items())]
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     result["table"] = table
-    try:
-        from .plotting import plot_loss_curves
-
-        last = per_seed[-1]
-        curves = {n: {"train": m["train_loss"], "eval": m["eval_loss"]} for n, m in last["models"].items()}
-        result["plot"] = str(plot_loss_curves(
-            curves, out / "loss_curves.png", target=last["target"],
-            title=f"MoE vs dense on the {corpus.get('name', 'World English Bible')} (seed {last['seed']}; dotted: "
-                  f"{baseline} final)"))
-    except ImportError as error:
-        logger.warning("No plot (%s)", error)
+    result["plots"] = _study_plots(out, configs, corpus, per_seed, baseline)
     return result
+
+
+def _sum_counts(counts: list) -> list:
+    """Element-wise sum of several counts[layer][expert][language] (one per seed)."""
+    return [[[sum(c[layer][e][j] for c in counts) for j in range(len(counts[0][layer][e]))]
+             for e in range(len(counts[0][layer]))] for layer in range(len(counts[0]))]
+
+
+def language_specialisation(shares: list) -> float:
+    """Mean over layers and experts of an expert's largest language share (`language_shares`)."""
+    tops = [max(expert) for layer in shares for expert in layer]
+    return sum(tops) / len(tops)
+
+
+def _study_plots(out: Path, configs: dict, corpus: dict, per_seed: list, baseline: str) -> dict[str, str]:
+    """loss_curves.png (validation, mean and min-max over seeds), language_experts.png (the first MoE arm with
+    language counts, summed over seeds) and loss_vs_experts.png (when two or more expert counts ran)."""
+    try:
+        from . import plotting
+    except ImportError as error:
+        logger.warning("No plots (%s)", error)
+        return {}
+    plots = {}
+    name = corpus.get("name", "World English Bible")
+    curves = {arm: [r["models"][arm]["eval_loss"] for r in per_seed] for arm in configs}
+    finals = {arm: [r["models"][arm]["final_eval_loss"] for r in per_seed] for arm in configs}
+    plots["loss_curves"] = str(plotting.plot_seed_bands(
+        curves, out / "loss_curves.png",
+        title=f"Validation loss, {name}\n(mean over seeds {[r['seed'] for r in per_seed]}; band: min-max)"))
+    for arm in configs:
+        counts = [r["models"][arm]["language_counts"] for r in per_seed if r["models"][arm].get("language_counts")]
+        if counts and configs[arm].num_experts > 1:
+            plots["language_experts"] = str(plotting.plot_language_experts(
+                language_shares(_sum_counts(counts)), corpus["languages"], out / "language_experts.png",
+                title=f"{arm}: each language's share of every expert's tokens (held-out chapters, %)"))
+            break
+    experts = {configs[arm].num_experts: finals[arm] for arm in configs if configs[arm].num_experts >= 1}
+    if len(experts) >= 2:
+        references = {arm: finals[arm] for arm in configs if configs[arm].num_experts == 0}
+        plots["loss_vs_experts"] = str(plotting.plot_loss_vs_experts(experts, out / "loss_vs_experts.png", references))
+    return plots
 
 
 def _fmt(value: float | None) -> str:
