@@ -776,24 +776,20 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
     languages = corpus.get("languages") or []
     specialised = {}
     for name in configs:
-        counts = [r["models"][name]["language_counts"] for r in per_seed if r["models"][name].get("language_counts")]
-        if counts:
-            specialised[name] = language_specialisation(language_shares(_sum_counts(counts)))
+        # NOTE: per seed, then averaged: expert k of one seed has nothing to do with expert k of another
+        values = [language_specialisation(language_shares(r["models"][name]["language_counts"]))
+                  for r in per_seed if r["models"][name].get("language_counts")]
+        if values:
+            specialised[name] = _mean_std(values)
     if specialised:
         lines += ["", f"Language specialisation (mean over layers and experts of an expert's largest language share, "
-                  f"after normalising by each language's tokens; {1 / len(languages):.3f} = none, 1.0 = one language "
-                  f"per expert): " + ", ".join(f"{n} {v:.3f}" for n, v in specialised.items())]
+                  f"after normalising by each language's tokens, per seed; {1 / len(languages):.3f} = none, 1.0 = one "
+                  f"language per expert): " + ", ".join(f"{n} {v}" for n, v in specialised.items())]
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     result["table"] = table
     result["plots"] = _study_plots(out, configs, corpus, per_seed, baseline)
     return result
-
-
-def _sum_counts(counts: list) -> list:
-    """Element-wise sum of several counts[layer][expert][language] (one per seed)."""
-    return [[[sum(c[layer][e][j] for c in counts) for j in range(len(counts[0][layer][e]))]
-             for e in range(len(counts[0][layer]))] for layer in range(len(counts[0]))]
 
 
 def language_specialisation(shares: list) -> float:
@@ -804,7 +800,7 @@ def language_specialisation(shares: list) -> float:
 
 def _study_plots(out: Path, configs: dict, corpus: dict, per_seed: list, baseline: str) -> dict[str, str]:
     """loss_curves.png (validation, mean and min-max over seeds), language_experts.png (the first MoE arm with
-    language counts, summed over seeds) and loss_vs_experts.png (when two or more expert counts ran)."""
+    language counts, its last seed) and loss_vs_experts.png (when two or more expert counts ran)."""
     try:
         from . import plotting
     except ImportError as error:
@@ -818,11 +814,13 @@ def _study_plots(out: Path, configs: dict, corpus: dict, per_seed: list, baselin
         curves, out / "loss_curves.png",
         title=f"Validation loss, {name}\n(mean over seeds {[r['seed'] for r in per_seed]}; band: min-max)"))
     for arm in configs:
-        counts = [r["models"][arm]["language_counts"] for r in per_seed if r["models"][arm].get("language_counts")]
-        if counts and configs[arm].num_experts > 1:
+        seeds = [r for r in per_seed if r["models"][arm].get("language_counts")]
+        if seeds and configs[arm].num_experts > 1:  # one seed's experts (expert k differs between seeds)
             plots["language_experts"] = str(plotting.plot_language_experts(
-                language_shares(_sum_counts(counts)), corpus["languages"], out / "language_experts.png",
-                title=f"{arm}: each language's share of every expert's tokens (held-out chapters, %)"))
+                language_shares(seeds[-1]["models"][arm]["language_counts"]), corpus["languages"],
+                out / "language_experts.png",
+                title=f"{arm}, seed {seeds[-1]['seed']}: each language's share of every expert's tokens "
+                      f"(held-out chapters, %)"))
             break
     experts = {configs[arm].num_experts: finals[arm] for arm in configs if configs[arm].num_experts >= 1}
     if len(experts) >= 2:
