@@ -142,6 +142,7 @@ def test_lr_sweep_names_each_arm_and_rate():
         study._study_configs(_smoke_args(arms="nope"))
 
 
+@pytest.mark.slow
 def test_multilingual_study_smoke(tmp_path):
     """Three arms on six languages at smoke size: identical batches, the final figure the mean of the last three
     whole-split evaluations, paired differences, falling losses, and the pictures."""
