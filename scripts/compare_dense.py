@@ -1,4 +1,5 @@
-"""MoE vs dense on the same tokens of a real corpus (the World English Bible), same optimizer, schedule and seed.
+"""MoE vs dense on the same tokens of a real corpus (the World English Bible, or six Bibles), same optimizer, schedule
+and seed.
 
     python scripts/compare_dense.py                       # dense 1024 vs 8x512 top-2 vs 32x128 top-8, 600 steps, seed 0
     python scripts/compare_dense.py --seeds 0,1,2         # three seeds (three times as long)
@@ -7,7 +8,14 @@
     python scripts/compare_dense.py --seeds 1 --output_dir out/s1 ...   # a seed per process (and folder), then:
     python scripts/compare_dense.py --merge out/s0,out/s1,out/s2 --output_dir out/merged   # one table of all seeds
 
-Writes results.json, results.md (the table) and loss_curves.png to --output_dir. All logic lives in
+    # the multilingual study (six Bibles, shared init and order, final = mean of the last evaluations on all held-out
+    # blocks): one seed per process, then --merge; --arms main|experts|fine|balance; --lr_sweep 1e-3,2e-3,4e-3
+    python scripts/compare_dense.py --dataset_name bible-multilingual --languages en,fr,de,es,it,pt --arms main \
+        --steps 3000 --learning_rate 2e-3 --eval_every 250 --final_eval_blocks 1600 --seeds 0 --threads 1 \
+        --output_dir out/m0
+
+Writes results.json, results.md (the table), loss_curves.png (and language_experts.png, loss_vs_experts.png where they
+apply) to --output_dir. All logic lives in
 `modeling_sparse_moe.recipes.study.run_dense_comparison`.
 """
 

@@ -108,3 +108,18 @@ def test_loss_curves(tmp_path):
     assert (np.abs(rgb - [31, 119, 180]).sum(-1) < 30).sum() > 200
     assert (np.abs(rgb - [255, 127, 14]).sum(-1) < 30).sum() > 200
     assert not math.isnan(pixels.mean())
+
+
+def test_seed_bands_and_loss_vs_experts(tmp_path):
+    curves = {"dense": [[(10, 5.0), (20, 4.5)], [(10, 5.1), (20, 4.6)]], "moe": [[(10, 4.9), (20, 4.4)]]}
+    pixels = _image(plotting.plot_seed_bands(curves, tmp_path / "bands.png", target=4.5))
+    assert pixels.shape[:2] == (500, 800)
+    _assert_not_blank(pixels)
+    with pytest.raises(ValueError, match="different steps"):
+        plotting.plot_seed_bands({"x": [[(10, 5.0)], [(11, 5.0)]]}, tmp_path / "bad.png")
+    points = {1: [4.6, 4.62], 2: [4.55], 4: [4.5, 4.52], 8: [4.45, 4.47]}
+    pixels = _image(plotting.plot_loss_vs_experts(points, tmp_path / "experts.png", {"dense": [4.6, 4.61]}))
+    assert pixels.shape[:2] == (450, 700)
+    _assert_not_blank(pixels)
+    with pytest.raises(ValueError, match="at least one"):
+        plotting.plot_loss_vs_experts({}, tmp_path / "none.png")

@@ -170,7 +170,11 @@ def test_compare_dense_smoke(tmp_path):
     result = run_dense_comparison(StudyArguments(output_dir=str(tmp_path), smoke=True, steps=10, seeds="0"))
     seed = result["seeds"][0]
     dense, moe = seed["models"]["dense"], seed["models"]["moe-8x32-top2"]
-    assert seed["target"] == dense["final_eval_loss"]
+    assert seed["target"] == dense["eval_loss"][-1][1]  # steps-to-target compares curves on the same blocks
+    # the final figure: the mean of the last (up to 3) evaluations on every held-out block; 10 steps evaluate twice
+    assert [step for step, _ in dense["final_evals"]] == [5, 10]
+    finals = [loss for _, loss in dense["final_evals"]]
+    assert dense["final_eval_loss"] == pytest.approx(sum(finals) / 2, rel=1e-12)
     assert dense["step_ratio"] == 1.0 and dense["time_ratio"] == pytest.approx(1.0)
     assert dense["final_eval_loss"] < math.log(512)
     assert result["shapes"]["dense"]["active_params"] == pytest.approx(result["shapes"]["moe-8x32-top2"]["active_params"],

@@ -6,6 +6,9 @@
   3. `expert_top_tokens` + `specialisation_table` + `plot_expert_specialisation`: per expert of one layer, the tokens
      most often routed to it.
   4. `plot_loss_curves`: train / validation loss over steps, one colour per model (MoE vs dense in the study).
+  5. The study's pictures: `plot_seed_bands` (validation curves, mean over seeds with a min-max band),
+     `plot_loss_vs_experts` (final loss against the number of experts) and `plot_language_experts` (each language's
+     share of every expert's tokens, per layer: do experts specialise by language?).
 
 Every function takes data (or a model) and a path, writes one PNG and returns its path.
 """
@@ -286,13 +289,96 @@ def plot_loss_curves(curves: dict, path, title: str = "Training and validation l
     return _save(fig, path)
 
 
+# ------------------------------------------------------------------------------------------- 5. study pictures
+def plot_seed_bands(curves: dict, path, title: str = "Validation loss over seeds", target: float | None = None,
+                    xlabel: str = "training step") -> Path:
+    """`curves = {arm: [[(step, loss), ...] per seed]}`: the mean over seeds as a line, the min-max range over seeds
+    as a band, one colour per arm (seeds must share their evaluation steps)."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.get_cmap("tab10").colors
+    for i, (name, runs) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        steps = [step for step, _ in runs[0]]
+        if any([step for step, _ in run] != steps for run in runs):
+            raise ValueError(f"plot_seed_bands: the seeds of {name!r} were evaluated at different steps")
+        losses = np.array([[loss for _, loss in run] for run in runs])  # seeds x evaluations
+        ax.plot(steps, losses.mean(0), "-o", color=colour, markersize=3, label=f"{name} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(steps, losses.min(0), losses.max(0), color=colour, alpha=0.25, linewidth=0)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.3f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_loss_vs_experts(points: dict, path, references: dict | None = None,
+                         title: str = "Final validation loss against number of experts") -> Path:
+    """`points = {number of experts: [final loss per seed]}`: mean with a std error bar, x on a log2 axis;
+    `references = {name: [final loss per seed]}` (dense arms) as horizontal lines at their means."""
+    if not points:
+        raise ValueError("plot_loss_vs_experts needs at least one expert count")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    counts = sorted(points)
+    means = [float(np.mean(points[e])) for e in counts]
+    stds = [float(np.std(points[e], ddof=1)) if len(points[e]) > 1 else 0.0 for e in counts]
+    ax.errorbar(counts, means, yerr=stds, fmt="-o", color="tab:blue", capsize=3, label="MoE (top-2, same active width)")
+    for i, (name, finals) in enumerate((references or {}).items()):
+        ax.axhline(float(np.mean(finals)), linestyle=":", color=plt.get_cmap("tab10").colors[(i + 1) % 10], label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(counts)
+    ax.set_xticklabels([str(e) for e in counts])
+    ax.set_xlabel("experts per MoE layer")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_language_experts(shares, languages: list[str], path,
+                          title: str = "Each language's share of every expert's tokens") -> Path:
+    """`shares[layer][expert][language]` (rows sum to 1, as `study.language_shares` gives): one panel per MoE layer,
+    experts as rows, languages as columns, each cell written; 1 / languages everywhere means no specialisation."""
+    data = np.asarray(shares, dtype=float)  # layers x experts x languages
+    if data.ndim != 3 or data.shape[2] != len(languages):
+        raise ValueError(f"plot_language_experts: shares of shape {data.shape} do not match {len(languages)} languages")
+    layers, experts, _ = data.shape
+    fig, axes = plt.subplots(1, layers, figsize=(1.2 + 0.45 * len(languages) * layers + 0.6 * layers,
+                                                 1.4 + 0.3 * experts), squeeze=False)
+    for layer, ax in enumerate(axes[0]):
+        image = ax.imshow(data[layer], cmap="viridis", vmin=0.0, vmax=max(0.5, float(data.max())), aspect="auto")
+        for e in range(experts):
+            for j in range(len(languages)):
+                ax.text(j, e, f"{data[layer, e, j] * 100:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if data[layer, e, j] < 0.6 * float(data.max()) else "black")
+        ax.set_xticks(range(len(languages)))
+        ax.set_xticklabels(languages, fontsize=8)
+        ax.set_yticks(range(experts))
+        ax.set_yticklabels([str(e) for e in range(experts)], fontsize=7)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        if layer == 0:
+            ax.set_ylabel("expert")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"share (uniform {1 / len(languages):.2f})")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 __all__ = [
     "expert_top_tokens",
     "load_telemetry",
     "loss_curves_from_log_history",
     "plot_expert_specialisation",
+    "plot_language_experts",
     "plot_load_heatmap",
     "plot_loss_curves",
+    "plot_loss_vs_experts",
+    "plot_seed_bands",
     "plot_token_routing",
     "route_tokens",
     "specialisation_table",

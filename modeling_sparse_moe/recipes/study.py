@@ -4,6 +4,13 @@ seconds to reach the dense model's final loss, and seeds run apart merged into o
 
     python scripts/compare_dense.py --steps 600 --seeds 0,1,2 --output_dir out/compare_dense
     python scripts/compare_dense.py --smoke --output_dir out/compare_dense_smoke
+    python scripts/compare_dense.py --dataset_name bible-multilingual --languages en,fr,de,es,it,pt --arms main \
+        --steps 600 --seeds 0 --threads 1 --output_dir out/study_main_s0
+
+The low-noise protocol (`--share_init`, on by default): every arm of a seed starts from one seeded initialisation of
+the parts they share (embeddings, attention, norms, output head: every parameter outside `.mlp.` whose name and shape
+match), reads the same blocks in the same order, and is scored on the mean of its last `--final_evals` evaluations over
+the whole held-out split; the table reports mean +/- std over seeds and the paired difference to the baseline.
 
 From Python: `study.run_dense_comparison(study.StudyArguments(...))`. Results and how to read them: docs/study.md.
 """
@@ -11,6 +18,7 @@ From Python: `study.run_dense_comparison(study.StudyArguments(...))`. Results an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +32,7 @@ from transformers import AutoModelForCausalLM, set_seed
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..configuration_sparse_moe import SparseMoEConfig
-from .data import load_bible_corpus, train_tokenizer
+from .data import MULTILINGUAL_DATASET, load_bible_corpus, load_multilingual_bible, parse_languages, train_tokenizer
 from .pretraining import BALANCED_ROUTER, SPLIT_SEED, _split_top_level, apply_config_overrides, parse_config_overrides
 
 logger = logging.getLogger(__name__)
@@ -52,6 +60,60 @@ SMOKE_BASE = {**STUDY_BASE, "vocab_size": 512, "hidden_size": 32, "num_hidden_la
 SMOKE_VARIANTS = {
     "dense": "num_experts=0,intermediate_size=64",
     "moe-8x32-top2": "num_experts=8,num_experts_per_tok=2,moe_intermediate_size=32",
+}
+
+# The multilingual study (4 layers x 128, vocab 8192, six languages). Every MoE arm has the active FFN width of
+# `dense-active` (512 per token: top-2 of 256-wide experts, or the shapes noted); `dense-total` has the MoE-8's total.
+MULTILINGUAL_BASE = {
+    "vocab_size": 8192,
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "max_position_embeddings": 256,
+    **BALANCED_ROUTER,
+}
+_MOE = "num_experts_per_tok=2,moe_intermediate_size=256"
+STUDY_ARMS = {
+    "main": {
+        "dense-active": "num_experts=0,intermediate_size=512",
+        "moe-8x256-top2": f"num_experts=8,{_MOE}",
+        "dense-total": "num_experts=0,intermediate_size=2048",
+    },
+    "experts": {  # expert count at fixed active width; one expert is top-1 of 512 (a dense FFN behind a router)
+        "dense-active": "num_experts=0,intermediate_size=512",
+        "moe-1x512-top1": "num_experts=1,num_experts_per_tok=1,moe_intermediate_size=512",
+        "moe-2x256-top2": f"num_experts=2,{_MOE}",
+        "moe-4x256-top2": f"num_experts=4,{_MOE}",
+        "moe-8x256-top2": f"num_experts=8,{_MOE}",
+        "moe-16x256-top2": f"num_experts=16,{_MOE}",
+    },
+    "fine": {  # fine-grained: 32 experts of 64, 8 active; with a shared expert of 128 and 6 routed
+        "dense-active": "num_experts=0,intermediate_size=512",
+        "fine-32x64-top8": "num_experts=32,num_experts_per_tok=8,moe_intermediate_size=64",
+        "fine-32x64-top6-shared128": "num_experts=32,num_experts_per_tok=6,moe_intermediate_size=64,"
+                                     "num_shared_experts=1,shared_expert_intermediate_size=128",
+    },
+    # NOTE: the config has one pooled Switch aux loss (mean over layers); there is no per-layer aux loss option.
+    "balance": {
+        "dense-active": "num_experts=0,intermediate_size=512",
+        "moe-aux": f"num_experts=8,{_MOE},router_aux_loss_coef=0.01,router_bias_update_rate=0",
+        "moe-bias": f"num_experts=8,{_MOE},router_aux_loss_coef=0,router_bias_update_rate=0.005",
+        "moe-aux+bias": f"num_experts=8,{_MOE},router_aux_loss_coef=0.01,router_bias_update_rate=0.005",
+    },
+}
+SMOKE_ARMS = {
+    "main": {
+        "dense-active": "num_experts=0,intermediate_size=64",
+        "moe-8x32-top2": "num_experts=8,num_experts_per_tok=2,moe_intermediate_size=32",
+        "dense-total": "num_experts=0,intermediate_size=256",
+    },
+    "experts": {
+        "dense-active": "num_experts=0,intermediate_size=64",
+        "moe-2x32-top2": "num_experts=2,num_experts_per_tok=2,moe_intermediate_size=32",
+        "moe-4x32-top2": "num_experts=4,num_experts_per_tok=2,moe_intermediate_size=32",
+    },
 }
 
 
@@ -90,6 +152,40 @@ class StudyArguments:
     )
     base_overrides: str | None = field(default=None, metadata={"help": "k=v overrides applied to every variant."})
     max_corpus_chars: int | None = field(default=None, metadata={"help": "Use only the first N characters."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "'bible-multilingual': complete Bibles in --languages (whole chapters held out in every "
+                  "language; base shape MULTILINGUAL_BASE); default: the World English Bible (STUDY_BASE)."},
+    )
+    languages: str | None = field(
+        default=None, metadata={"help": "With bible-multilingual: comma-separated codes (default en,fr,de,es,it,pt)."}
+    )
+    max_chapters: int | None = field(
+        default=None, metadata={"help": "With bible-multilingual: the first N chapters of each language (quick runs)."}
+    )
+    arms: str | None = field(
+        default=None,
+        metadata={"help": f"A named set of variants instead of --variants: {', '.join(STUDY_ARMS)} (the first arm of "
+                  "each set is the baseline)."},
+    )
+    share_init: bool = field(
+        default=True,
+        metadata={"help": "Start every arm of a seed from one seeded initialisation of the shared parts (every "
+                  "parameter outside .mlp. whose name and shape match the first arm's)."},
+    )
+    final_evals: int = field(
+        default=3,
+        metadata={"help": "The final figure is the mean of the last N evaluations, each over all held-out blocks "
+                  "(--final_eval_blocks); earlier evaluations use --eval_blocks."},
+    )
+    final_eval_blocks: int | None = field(
+        default=None, metadata={"help": "Blocks of the final evaluations (default: every held-out block)."}
+    )
+    lr_sweep: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated peak learning rates: every variant runs at each (named 'arm@lr=...'); "
+                  "run it short to pick each arm's rate."},
+    )
     validation_split_percentage: int = field(default=5, metadata={"help": "Percent of chapters held out."})
     smoke: bool = field(default=False, metadata={"help": "Tiny shapes, 20 steps, 200k characters (tests)."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: leave as is)."})
@@ -101,7 +197,7 @@ class StudyArguments:
 
 
 # Keys a variant may carry besides config fields: how its router is optimised and initialised, not what it is.
-RUN_KEYS = ("router_lr_scale", "router_init_std")
+RUN_KEYS = ("router_lr_scale", "router_init_std", "learning_rate")
 # The quickstart's pretraining optimisation (quickstart.SIZES["small"] through Trainer's defaults).
 QUICKSTART_PRESET = {"steps": 400, "learning_rate": 2e-3, "warmup_steps": 20, "weight_decay": 0.0,
                      "adam_beta2": 0.999, "eval_every": 50}
@@ -135,6 +231,11 @@ def _split_run_options(overrides: str) -> tuple[str, dict[str, float]]:
 
 
 def _study_data(args: StudyArguments, vocab_size: int):
+    if args.dataset_name == MULTILINGUAL_DATASET:
+        return _multilingual_data(args, vocab_size)
+    if args.dataset_name is not None or args.languages is not None:
+        raise ValueError(f"--dataset_name {args.dataset_name!r} / --languages: the study reads "
+                         f"'{MULTILINGUAL_DATASET}' (with --languages) or, without them, the World English Bible")
     texts = load_bible_corpus(max_chars=args.max_corpus_chars)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
     held_out = max(1, round(len(texts) * args.validation_split_percentage / 100))
@@ -152,15 +253,152 @@ def _study_data(args: StudyArguments, vocab_size: int):
 
     train_BL, train_tokens = blocks(train_texts)
     val_BL, val_tokens = blocks(val_texts)
-    return tokenizer, train_BL, val_BL[: args.eval_blocks], {
+    val_BL = val_BL[: args.final_eval_blocks] if args.final_eval_blocks else val_BL
+    return tokenizer, train_BL, val_BL, {
+        "name": "World English Bible", "languages": ["en"],
         "train_chapters": len(train_texts), "validation_chapters": len(val_texts),
         "train_tokens": train_tokens, "validation_tokens": val_tokens,
-        "train_chars": sum(map(len, train_texts)), "eval_tokens_used": int(val_BL[: args.eval_blocks].numel()),
+        "train_chars": sum(map(len, train_texts)), "eval_tokens_used": int(val_BL.numel()),
+        "curve_eval_tokens": int(_curve_blocks(val_BL, args.eval_blocks).numel()),
+        "val_languages": ["en"] * len(val_BL),
     }
 
 
+def _pack(tokenizer, texts: list[str], block_size: int) -> tuple[torch.Tensor, int]:
+    """Texts tokenised, each followed by EOS, concatenated and cut into (B, L) blocks; and the token count."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    usable = len(ids) // block_size * block_size
+    return torch.tensor(ids[:usable], dtype=torch.long).view(-1, block_size), len(ids)
+
+
+def _multilingual_data(args: StudyArguments, vocab_size: int):
+    """Complete Bibles in `args.languages`: the tokenizer trained on the training chapters of every language; the
+    training blocks packed over all languages (one language after the other, shuffled by the study's block order);
+    the held-out blocks packed per language, so each validation block is one language (`val_languages`)."""
+    codes = parse_languages(args.languages)
+    splits = load_multilingual_bible(codes, validation_fraction=args.validation_split_percentage / 100,
+                                     max_chapters=args.max_chapters)
+    train_texts = [row["text"] for row in splits["train"]]
+    tokenizer = train_tokenizer(train_texts, vocab_size=vocab_size)
+    train_BL, train_tokens = _pack(tokenizer, train_texts, args.block_size)
+    val_parts, val_languages, val_tokens = [], [], 0
+    for code in codes:
+        part, count = _pack(tokenizer, [r["text"] for r in splits["validation"] if r["language"] == code],
+                            args.block_size)
+        val_parts.append(part)
+        val_languages += [code] * len(part)
+        val_tokens += count
+    val_BL = torch.cat(val_parts)
+    if args.final_eval_blocks:  # an even stride keeps every language in the subset
+        keep = _stride(len(val_BL), args.final_eval_blocks)
+        val_BL, val_languages = val_BL[keep], [val_languages[i] for i in keep]
+    return tokenizer, train_BL, val_BL, {
+        "name": f"{len(codes)} complete Bibles ({', '.join(codes)})", "languages": list(codes),
+        "train_chapters": len(train_texts), "validation_chapters": len(splits["validation"]),
+        "train_tokens": train_tokens, "validation_tokens": val_tokens,
+        "train_chars": sum(map(len, train_texts)), "eval_tokens_used": int(val_BL.numel()),
+        "curve_eval_tokens": int(_curve_blocks(val_BL, args.eval_blocks).numel()), "val_languages": val_languages,
+    }
+
+
+def _stride(total: int, keep: int) -> list[int]:
+    """`keep` indices spread evenly over range(total) (all of them when keep >= total)."""
+    if keep >= total:
+        return list(range(total))
+    return [i * total // keep for i in range(keep)]
+
+
+def _curve_blocks(val_BL: torch.Tensor, eval_blocks: int) -> torch.Tensor:
+    """The held-out blocks of the intermediate evaluations: `eval_blocks` spread evenly over all of them."""
+    return val_BL[_stride(len(val_BL), eval_blocks)]
+
+
+def study_batch_order(num_blocks: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The block indices every arm of `seed` reads, step after step: seeded permutations of the training blocks,
+    one per pass, concatenated; shape (steps * batch_size,)."""
+    generator = torch.Generator().manual_seed(seed)
+    passes = math.ceil(steps * batch_size / num_blocks)
+    return torch.cat([torch.randperm(num_blocks, generator=generator) for _ in range(passes)])[: steps * batch_size]
+
+
+def shared_parameter_names(model: torch.nn.Module) -> list[str]:
+    """The parameters every arm shares: everything outside the FFN blocks (`.mlp.`), that is embeddings, attention,
+    norms and the output head."""
+    return [name for name, _ in model.named_parameters() if ".mlp." not in name]
+
+
+@torch.no_grad()
+def copy_shared_parameters(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
+    """Copy `source`'s shared parameters (`shared_parameter_names`) into `target` where name and shape match;
+    returns the names copied."""
+    source_params = dict(source.named_parameters())
+    copied = []
+    for name, param in target.named_parameters():
+        if ".mlp." in name or name not in source_params or source_params[name].shape != param.shape:
+            continue
+        param.copy_(source_params[name])
+        copied.append(name)
+    return copied
+
+
+@torch.no_grad()
+def language_expert_counts(model: torch.nn.Module, val_BL: torch.Tensor, val_languages: list[str],
+                           languages: list[str], max_blocks_per_language: int = 64) -> list[list[list[int]]]:
+    """Top-k assignments of every MoE layer's router, by expert and language, over (at most `max_blocks_per_language`
+    of) each language's held-out blocks: counts[layer][expert][language]. Eval mode, so no capacity dropping."""
+    from ..modeling_sparse_moe import SparseMoERouter
+
+    routers = [module for module in model.modules() if isinstance(module, SparseMoERouter)]
+    if not routers:
+        return []
+    counts = [[[0] * len(languages) for _ in range(router.num_experts)] for router in routers]
+    current = {"language": 0}
+    handles = []
+    for layer, router in enumerate(routers):
+        def hook(module, args, output, layer=layer):
+            index_TK = output[2]
+            per_expert = torch.bincount(index_TK.reshape(-1), minlength=module.num_experts).tolist()
+            for expert, count in enumerate(per_expert):
+                counts[layer][expert][current["language"]] += int(count)
+
+        handles.append(router.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        for column, code in enumerate(languages):
+            rows = [i for i, lang in enumerate(val_languages) if lang == code][:max_blocks_per_language]
+            current["language"] = column
+            for chunk in val_BL[rows].split(32):
+                model(input_ids=chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return counts
+
+
+def language_shares(counts: list[list[list[int]]]) -> list[list[list[float]]]:
+    """Each expert's assignments split over languages, after dividing by each language's total assignments in the
+    layer (so a language with more tokens does not look favoured): shares[layer][expert][language], each row sums to
+    1 (1 / languages everywhere = no specialisation)."""
+    shares = []
+    for layer in counts:
+        totals = [sum(expert[j] for expert in layer) or 1 for j in range(len(layer[0]))]
+        rows = []
+        for expert in layer:
+            rates = [count / total for count, total in zip(expert, totals)]
+            norm = sum(rates)
+            rows.append([rate / norm if norm else 0.0 for rate in rates])
+        shares.append(rows)
+    return shares
+
+
 class _StudyRun:
-    def __init__(self, name: str, config, args: StudyArguments, seed: int, options: dict | None = None):
+    def __init__(self, name: str, config, args: StudyArguments, seed: int, options: dict | None = None,
+                 shared_from: torch.nn.Module | None = None):
         from .training import RouterTelemetry
 
         options = options or {}
@@ -168,6 +406,8 @@ class _StudyRun:
         self.name = name
         self.config = config
         self.model = AutoModelForCausalLM.from_config(config)
+        self.shared = copy_shared_parameters(shared_from, self.model) if shared_from is not None else []
+        learning_rate = options.get("learning_rate", args.learning_rate)
         if "router_init_std" in options:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -186,8 +426,8 @@ class _StudyRun:
                 no_decay.append(param)
         groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if router:
-            groups.append({"params": router, "weight_decay": 0.0, "lr": args.learning_rate * router_lr_scale})
-        self.optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, args.adam_beta2))
+            groups.append({"params": router, "weight_decay": 0.0, "lr": learning_rate * router_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, args.adam_beta2))
         self.scheduler = transformers.get_cosine_schedule_with_warmup(self.optimizer, args.warmup_steps, args.steps)
         self.telemetry = RouterTelemetry(self.model) if router else None
         self.seconds = 0.0
@@ -197,11 +437,15 @@ class _StudyRun:
         self.imbalance: list[tuple[int, float]] = []
         # per evaluation: assignments per expert of every MoE layer over the steps since the previous evaluation
         self.loads: list[tuple[int, list[list[int]]]] = []
+        self.final_losses: list[tuple[int, float]] = []  # evaluations over every held-out block
         self._loss_sum = 0.0
+        # a running digest of every batch read, so a test (and the results) can show that arms read the same data
+        self.data_digest = hashlib.sha1()
 
     def step(self, input_ids) -> None:
         from ..modeling_sparse_moe import update_router_biases
 
+        self.data_digest.update(input_ids.numpy().tobytes())
         begin = time.perf_counter()
         loss = self.model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
@@ -216,15 +460,24 @@ class _StudyRun:
         self._loss_sum += float(loss.detach())
 
     @torch.no_grad()
-    def evaluate(self, step: int, val_BL, every: int) -> float:
+    def evaluate(self, step: int, val_BL, every: int, curve: list[int] | None = None, final: bool = False) -> float:
+        """Validation loss on the curve's blocks (`curve`: indices into `val_BL`; None: all), recorded in `eval_loss`;
+        with `final`, every block of `val_BL` is scored and the mean over all of them also goes to `final_losses`."""
         self.model.eval()
-        total, count = 0.0, 0
-        for chunk in val_BL.split(32):
+        rows = list(range(len(val_BL))) if final or curve is None else curve
+        per_block = {}
+        for start in range(0, len(rows), 32):
+            index = rows[start : start + 32]
+            chunk = val_BL[index]
             logits = self.model(input_ids=chunk).logits
-            total += float(ForCausalLMLoss(logits, chunk, logits.shape[-1])) * chunk.shape[0]
-            count += chunk.shape[0]
+            for row, block in zip(index, range(len(index))):
+                per_block[row] = float(ForCausalLMLoss(logits[block : block + 1], chunk[block : block + 1],
+                                                       logits.shape[-1]))
         self.model.train()
-        loss = total / count
+        curve_rows = list(range(len(val_BL))) if curve is None else curve
+        loss = sum(per_block[row] for row in curve_rows) / len(curve_rows)
+        if final:
+            self.final_losses.append((step, sum(per_block.values()) / len(per_block)))
         self.eval_loss.append((step, loss))
         window = step - (self.train_loss[-1][0] if self.train_loss else 0)
         self.train_loss.append((step, self._loss_sum / max(1, window)))
@@ -290,6 +543,7 @@ def run_dense_comparison(args: StudyArguments) -> dict:
     if args.smoke:
         args.steps, args.eval_every, args.batch_size, args.block_size = min(args.steps, 20), 5, 4, 64
         args.max_corpus_chars = args.max_corpus_chars or 200_000
+        args.max_chapters = args.max_chapters or 8
         args.eval_blocks, args.warmup_steps = min(args.eval_blocks, 16), 2
     _apply_preset(args)
     if args.threads:
@@ -303,12 +557,21 @@ def run_dense_comparison(args: StudyArguments) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     logger.info("Study: %s; %d train blocks, %d eval blocks, seeds %s", list(configs), len(train_BL), len(val_BL), seeds)
 
+    curve = _stride(len(val_BL), args.eval_blocks)
+    eval_steps = [step for step in range(1, args.steps + 1) if step % args.eval_every == 0 or step == args.steps]
+    if args.final_evals < 1:
+        raise ValueError(f"--final_evals {args.final_evals} must be >= 1")
+    final_steps = set(eval_steps[-args.final_evals :])
     per_seed = []
     for seed in seeds:
-        runs = {name: _StudyRun(name, config, args, seed, options[name]) for name, config in configs.items()}
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.cat([torch.randperm(len(train_BL), generator=generator)
-                           for _ in range(math.ceil(args.steps * args.batch_size / len(train_BL)))])
+        reference = None
+        if args.share_init:
+            set_seed(seed)
+            reference = AutoModelForCausalLM.from_config(base)
+        runs = {name: _StudyRun(name, config, args, seed, options[name], shared_from=reference)
+                for name, config in configs.items()}
+        del reference
+        order = study_batch_order(len(train_BL), args.steps, args.batch_size, seed)
         names = list(runs)
         wall = time.perf_counter()
         for step in range(1, args.steps + 1):
@@ -316,21 +579,53 @@ def run_dense_comparison(args: StudyArguments) -> dict:
             shift = step % len(names)  # rotate who goes first, so no model always runs on a warm cache
             for name in names[shift:] + names[:shift]:
                 runs[name].step(batch)
-            if step % args.eval_every == 0 or step == args.steps:
-                losses = {name: run.evaluate(step, val_BL, args.eval_every) for name, run in runs.items()}
+            if step in eval_steps:
+                losses = {name: run.evaluate(step, val_BL, args.eval_every, curve, final=step in final_steps)
+                          for name, run in runs.items()}
                 logger.info("seed %d step %d (%.0f s): %s", seed, step, time.perf_counter() - wall,
                             ", ".join(f"{n} {v:.4f}" for n, v in losses.items()))
-        per_seed.append(_seed_result(seed, runs, baseline, args))
+                # curves so far, so that a run stopped early still leaves its evidence
+                (out / f"progress_seed{seed}.json").write_text(json.dumps({
+                    "seed": seed, "step": step, "wall_seconds": time.perf_counter() - wall,
+                    "models": {n: {"eval_loss": r.eval_loss, "final_evals": r.final_losses, "train_seconds": r.seconds}
+                               for n, r in runs.items()}}, indent=1))
+        result = _seed_result(seed, runs, baseline, args)
+        if len(corpus["languages"]) > 1:
+            for name, run in runs.items():
+                counts = language_expert_counts(run.model, val_BL, corpus["val_languages"], corpus["languages"])
+                if counts:
+                    result["models"][name]["language_counts"] = counts
+        per_seed.append(result)
         _write_study(out, args, configs, variants, corpus, per_seed, baseline)
     return _write_study(out, args, configs, variants, corpus, per_seed, baseline)
 
 
 def _study_configs(args: StudyArguments) -> tuple[dict, dict, dict]:
     """The study's configs, variant specs and per-variant run options (`RUN_KEYS`), by variant name."""
-    base = dict(SMOKE_BASE if args.smoke else STUDY_BASE)
+    if args.smoke:
+        base = dict(SMOKE_BASE)
+    else:
+        base = dict(MULTILINGUAL_BASE if args.dataset_name == MULTILINGUAL_DATASET else STUDY_BASE)
     if args.base_overrides:
         base.update(parse_config_overrides(args.base_overrides))
-    variants = _parse_variants(args.variants) if args.variants else (SMOKE_VARIANTS if args.smoke else STUDY_VARIANTS)
+    if args.arms and args.variants:
+        raise ValueError("--arms and --variants both name the variants: give one")
+    if args.arms:
+        registry = SMOKE_ARMS if args.smoke else STUDY_ARMS
+        if args.arms not in registry:
+            raise ValueError(f"--arms {args.arms!r}: choose from {', '.join(registry)}")
+        variants = dict(registry[args.arms])
+    else:
+        variants = _parse_variants(args.variants) if args.variants else (SMOKE_VARIANTS if args.smoke else STUDY_VARIANTS)
+    if args.lr_sweep:
+        try:
+            rates = [float(r) for r in args.lr_sweep.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--lr_sweep {args.lr_sweep!r}: give comma-separated numbers such as 1e-3,2e-3") from None
+        if not rates or any(r <= 0 for r in rates):
+            raise ValueError(f"--lr_sweep {args.lr_sweep!r}: every rate must be > 0")
+        variants = {f"{name}@lr={rate:g}": (f"{spec},learning_rate={rate:g}" if spec else f"learning_rate={rate:g}")
+                    for name, spec in variants.items() for rate in rates}
     configs, options = {}, {}
     for name, spec in variants.items():
         overrides, options[name] = _split_run_options(spec)
@@ -372,6 +667,8 @@ def merge_dense_comparisons(folders: list[str], output_dir: str) -> dict:
 
 
 def _seed_result(seed: int, runs: dict, baseline: str, args: StudyArguments) -> dict:
+    # NOTE: steps / time to target compare curves on the same (curve) blocks: the target is the baseline's last curve
+    # loss, not the full-split mean that the table reports as the final figure.
     target = runs[baseline].eval_loss[-1][1]
     dense_seconds = runs[baseline].seconds
     models = {}
@@ -379,8 +676,13 @@ def _seed_result(seed: int, runs: dict, baseline: str, args: StudyArguments) -> 
         reached = steps_to_reach(run.eval_loss, target)
         seconds = _seconds_at(run, reached) if reached is not None else None
         shares = expert_shares(run.loads[-1][1]) if run.loads else None
+        finals = [loss for _, loss in run.final_losses] or [run.eval_loss[-1][1]]
         models[name] = {
-            "final_eval_loss": run.eval_loss[-1][1],
+            # the mean of the last `final_evals` evaluations over every held-out block
+            "final_eval_loss": sum(finals) / len(finals),
+            "final_evals": run.final_losses,
+            "data_digest": run.data_digest.hexdigest(),
+            "shared_parameters": len(run.shared),
             "eval_loss": run.eval_loss,
             "train_loss": run.train_loss,
             "load_imbalance": run.imbalance,
@@ -402,11 +704,18 @@ def _seed_result(seed: int, runs: dict, baseline: str, args: StudyArguments) -> 
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
-    mean = sum(values) / len(values)
+    mean, std = mean_std(values)
     if len(values) == 1:
         return f"{mean:.3f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     return f"{mean:.3f} ± {std:.3f}"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0.0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict, corpus: dict, per_seed: list,
@@ -423,19 +732,24 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
     }
     result = {"args": asdict(args), "corpus": corpus, "shapes": shapes, "baseline": baseline, "seeds": per_seed}
     (out / "results.json").write_text(json.dumps(result, indent=1))
+    final_evals = getattr(args, "final_evals", 1)
     lines = [
-        f"Corpus: World English Bible, {corpus['train_tokens']:,} train tokens ({corpus['train_chapters']} chapters), "
-        f"{corpus['eval_tokens_used']:,} validation tokens used ({corpus['validation_chapters']} held-out chapters); "
-        f"{args.steps} steps x {args.batch_size} x {args.block_size} tokens, seeds {[r['seed'] for r in per_seed]}.",
+        f"Corpus: {corpus.get('name', 'World English Bible')}, {corpus['train_tokens']:,} train tokens "
+        f"({corpus['train_chapters']} chapters), {corpus['eval_tokens_used']:,} validation tokens in the final "
+        f"evaluations ({corpus['validation_chapters']} held-out chapters); "
+        f"{args.steps} steps x {args.batch_size} x {args.block_size} tokens, seeds {[r['seed'] for r in per_seed]}. "
+        f"Final val loss: mean of the last {final_evals} evaluations; paired difference: the arm's final minus "
+        f"{baseline}'s in the same seed (negative: better than {baseline}).",
         "",
-        f"| model | params | active params | final val loss | steps to {baseline} final (x {baseline}) | time to "
-        f"{baseline} final (x {baseline}) | s/step | final imbalance (max/mean) | min expert share, last "
-        f"{args.eval_every} steps (x uniform) | max expert share (x uniform) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| model | params | active params | final val loss | paired diff vs {baseline} | steps to {baseline} final "
+        f"(x {baseline}) | time to {baseline} final (x {baseline}) | s/step | final imbalance (max/mean) | min expert "
+        f"share, last {args.eval_every} steps (x uniform) | max expert share (x uniform) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in configs:
         rows = [r["models"][name] for r in per_seed]
         finals = [m["final_eval_loss"] for m in rows]
+        paired = [r["models"][name]["final_eval_loss"] - r["models"][baseline]["final_eval_loss"] for r in per_seed]
         step_ratios = [m["step_ratio"] for m in rows if m["step_ratio"] is not None]
         time_ratios = [m["time_ratio"] for m in rows if m["time_ratio"] is not None]
         missed = sum(m["step_ratio"] is None for m in rows)
@@ -445,7 +759,8 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
         max_share = [m["final_max_share"] for m in rows if m.get("final_max_share") is not None]
         lines.append(
             f"| {name} | {shapes[name]['params'] / 1e6:.2f}M | {shapes[name]['active_params'] / 1e6:.2f}M | "
-            f"{_mean_std(finals)} | {_mean_std(step_ratios)}{note} | {_mean_std(time_ratios)}{note} | "
+            f"{_mean_std(finals)} | {_mean_std(paired) if name != baseline else '–'} | "
+            f"{_mean_std(step_ratios)}{note} | {_mean_std(time_ratios)}{note} | "
             f"{_mean_std([m['seconds_per_step'] for m in rows])} | {_mean_std(imbalance)} | {_mean_std(min_share)} | "
             f"{_mean_std(max_share)} |"
         )
@@ -456,21 +771,62 @@ def _write_study(out: Path, args: StudyArguments, configs: dict, variants: dict,
             + (f", min share {m['final_min_share']:.2f}" if m.get("final_min_share") is not None else "")
             for n, m in r["models"].items() if n != baseline
         )
-        lines.append(f"- seed {r['seed']}: {baseline} final {r['target']:.4f}; {cells}")
+        lines.append(f"- seed {r['seed']}: {baseline} final {r['models'][baseline]['final_eval_loss']:.4f} "
+                     f"(curve target {r['target']:.4f}); {cells}")
+    languages = corpus.get("languages") or []
+    specialised = {}
+    for name in configs:
+        # NOTE: per seed, then averaged: expert k of one seed has nothing to do with expert k of another
+        values = [language_specialisation(language_shares(r["models"][name]["language_counts"]))
+                  for r in per_seed if r["models"][name].get("language_counts")]
+        if values:
+            specialised[name] = _mean_std(values)
+    if specialised:
+        lines += ["", f"Language specialisation (mean over layers and experts of an expert's largest language share, "
+                  f"after normalising by each language's tokens, per seed; {1 / len(languages):.3f} = none, 1.0 = one "
+                  f"language per expert): " + ", ".join(f"{n} {v}" for n, v in specialised.items())]
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     result["table"] = table
-    try:
-        from .plotting import plot_loss_curves
-
-        last = per_seed[-1]
-        curves = {n: {"train": m["train_loss"], "eval": m["eval_loss"]} for n, m in last["models"].items()}
-        result["plot"] = str(plot_loss_curves(
-            curves, out / "loss_curves.png", target=last["target"],
-            title=f"MoE vs dense on the World English Bible (seed {last['seed']}; dotted: dense final)"))
-    except ImportError as error:
-        logger.warning("No plot (%s)", error)
+    result["plots"] = _study_plots(out, configs, corpus, per_seed, baseline)
     return result
+
+
+def language_specialisation(shares: list) -> float:
+    """Mean over layers and experts of an expert's largest language share (`language_shares`)."""
+    tops = [max(expert) for layer in shares for expert in layer]
+    return sum(tops) / len(tops)
+
+
+def _study_plots(out: Path, configs: dict, corpus: dict, per_seed: list, baseline: str) -> dict[str, str]:
+    """loss_curves.png (validation, mean and min-max over seeds), language_experts.png (the first MoE arm with
+    language counts, its last seed) and loss_vs_experts.png (when two or more expert counts ran)."""
+    try:
+        from . import plotting
+    except ImportError as error:
+        logger.warning("No plots (%s)", error)
+        return {}
+    plots = {}
+    name = corpus.get("name", "World English Bible")
+    curves = {arm: [r["models"][arm]["eval_loss"] for r in per_seed] for arm in configs}
+    finals = {arm: [r["models"][arm]["final_eval_loss"] for r in per_seed] for arm in configs}
+    plots["loss_curves"] = str(plotting.plot_seed_bands(
+        curves, out / "loss_curves.png",
+        title=f"Validation loss, {name}\n(mean over seeds {[r['seed'] for r in per_seed]}; band: min-max)"))
+    for arm in configs:
+        seeds = [r for r in per_seed if r["models"][arm].get("language_counts")]
+        if seeds and configs[arm].num_experts > 1:  # one seed's experts (expert k differs between seeds)
+            plots["language_experts"] = str(plotting.plot_language_experts(
+                language_shares(seeds[-1]["models"][arm]["language_counts"]), corpus["languages"],
+                out / "language_experts.png",
+                title=f"{arm}, seed {seeds[-1]['seed']}: each language's share of every expert's tokens "
+                      f"(held-out chapters, %)"))
+            break
+    experts = {configs[arm].num_experts: finals[arm] for arm in configs if configs[arm].num_experts >= 1}
+    if len(experts) >= 2:
+        references = {arm: finals[arm] for arm in configs if configs[arm].num_experts == 0}
+        plots["loss_vs_experts"] = str(plotting.plot_loss_vs_experts(experts, out / "loss_vs_experts.png", references))
+    return plots
 
 
 def _fmt(value: float | None) -> str:
