@@ -57,6 +57,10 @@ logger = logging.get_logger(__name__)
 GGUF_TYPES = ("f32", "f16", "q8_0")  # written here, in Python
 LLAMA_QUANTIZE_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0")  # need llama.cpp's quantizer (k-quants have no Python one)
 TOKENIZER_FILES = ("tokenizer.json",)
+# Generation settings that transformers' `generate()` applies and the serving engines (vLLM, llama.cpp) have no setting
+# for: a shipped generation_config.json that carries them answers differently in transformers than in the engines.
+# They stay in the recipes' evaluation flags (`--no_repeat_ngram_size`) and the model card says how to apply them.
+ENGINE_UNSUPPORTED_GENERATION = ("no_repeat_ngram_size",)
 # The one BPE pre-tokenisation llama.cpp knows that our tokenizers use: GPT-2's ByteLevel regex, no prefix space.
 GGUF_PRE_TOKENIZER = "gpt-2"
 
@@ -68,6 +72,7 @@ class ExportResult:
     folder: Path
     family: str
     gguf: Path | None = None
+    dropped_generation: dict = dataclasses.field(default_factory=dict)  # settings left out of generation_config.json
 
 
 # =========================================================================================================== export
@@ -137,6 +142,10 @@ def export_for_serving(
         tok.save_pretrained(tmp)
         if not (tmp / "generation_config.json").is_file():
             GenerationConfig.from_model_config(_load_config(tmp)).save_pretrained(tmp)
+        dropped = portable_generation_config(tmp)
+        if dropped:
+            logger.warning(f"export: generation_config.json leaves out {dropped} (vLLM and llama.cpp have no such "
+                           "setting); pass it to generate() to decode as the recipe scored (docs/serving.md)")
         gguf_path = None
         if gguf_type is not None:
             with _tensors(model_folder, merged) as source:
@@ -148,7 +157,7 @@ def export_for_serving(
                 quantize_gguf(gguf_path, quantized, gguf_type)
                 gguf_path = quantized
         _umask_permissions(tmp)
-    return ExportResult(dst, family, dst / gguf_path.name if gguf_path is not None else None)
+    return ExportResult(dst, family, dst / gguf_path.name if gguf_path is not None else None, dropped)
 
 
 def _umask_permissions(folder: Path) -> None:
@@ -210,6 +219,20 @@ def _tokenizer_folder(candidates: list[Path]) -> Path:
     names = ", ".join(str(folder) for folder in candidates)
     raise ValueError(f"No tokenizer (tokenizer.json) in {names}: serving needs one. Save it into the model folder "
                      "with tokenizer.save_pretrained(FOLDER), or pass --tokenizer FOLDER (tokenizer=...).")
+
+
+def portable_generation_config(folder: str | os.PathLike) -> dict:
+    """Rewrite `folder`/generation_config.json without the `ENGINE_UNSUPPORTED_GENERATION` settings, so that
+    transformers, vLLM and llama.cpp decode the folder alike; returns the settings left out ({name: value}), empty
+    when there is no file or nothing to leave out."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    fields = json.loads(path.read_text())
+    dropped = {name: fields.pop(name) for name in ENGINE_UNSUPPORTED_GENERATION if fields.get(name)}
+    if dropped:
+        path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    return dropped
 
 
 def _copy_generation_config(*folders_then_dst: Path) -> None:
@@ -540,10 +563,12 @@ __all__ = [
     "FAMILY_PREFERENCE",
     "GGUF_ARCHITECTURES",
     "GGUF_TYPES",
+    "ENGINE_UNSUPPORTED_GENERATION",
     "LLAMA_QUANTIZE_TYPES",
     "ExportResult",
     "export_for_serving",
     "pick_family",
+    "portable_generation_config",
     "gguf_problems",
     "gguf_tokenizer_fields",
     "write_gguf",

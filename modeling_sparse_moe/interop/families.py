@@ -453,10 +453,23 @@ def _pad_id(config) -> int | None:
 
 
 # ==================================================================================== which family to export to
+# One cause, one error: the families that hold a selection bias (GLM-4-MoE, DeepSeek-V3) all score with a sigmoid.
+_SOFTMAX_BIAS_MESSAGE = (
+    "This model's softmax router has a selection bias ({problem}), from training with router_bias_update_rate > 0 on "
+    "router_type='softmax'. No transformers family and no llama.cpp architecture holds a softmax router with a "
+    "selection bias, so no export gives the same logits. Retrain with the recipes' default router (router_type="
+    "'sigmoid' with router_bias_update_rate > 0, as configs/demo and configs/tiny: it exports as glm4_moe), or with "
+    "router_bias_update_rate=0; or serve the SparseMoE folder itself through vLLM's Transformers backend "
+    "(--model-impl transformers --trust-remote-code)."
+)
+
+
 def pick_family(config: SparseMoEConfig, source=None, *, gguf: bool = False) -> str:
     """The first family of `FAMILY_PREFERENCE` that holds `config` exactly (with `gguf=True`: whose llama.cpp
     architecture runs it too). `source` (tensors) lets a non-zero router correction bias count. Raises a `ValueError`
     listing each family's reasons and the nearest one's changes when none does."""
+    if config.router_type == "softmax" and source is not None and correction_bias_problems(config, source):
+        raise ValueError(_SOFTMAX_BIAS_MESSAGE.format(problem=correction_bias_problems(config, source)[0]))
     reasons, without_gguf = {}, []
     for family in FAMILY_PREFERENCE:
         problems = family_problems(config, family, source)
