@@ -530,7 +530,8 @@ def _balance_from_sums(tokens_LE, probs_LE, rows_L, num_experts, scope="pooled")
     """E * sum_e f_e * P_e from per-layer sums: of the counts pooled over layers (`scope="pooled"`, Mixtral), or
     the mean over layers of each layer's own value (`"per_layer"`, Switch / GShard / DeepSeek)."""
     if scope == "pooled":
-        tokens_LE, probs_LE, rows_L = tokens_LE.sum(0, keepdim=True), probs_LE.sum(0, keepdim=True), rows_L.sum(0, keepdim=True)
+        tokens_LE, probs_LE = tokens_LE.sum(0, keepdim=True), probs_LE.sum(0, keepdim=True)
+        rows_L = rows_L.sum(0, keepdim=True)
     rows_L1 = rows_L.clamp(min=1.0).unsqueeze(-1)
     return (num_experts * torch.sum((tokens_LE / rows_L1) * (probs_LE / rows_L1), dim=-1)).mean()
 

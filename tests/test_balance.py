@@ -162,7 +162,8 @@ def test_per_layer_scope_reaches_the_model_loss_and_bad_values_are_refused():
         model = AutoModelForCausalLM.from_config(tiny_config(router_aux_loss_coef=1.0, router_aux_loss_scope=scope))
         out = model(input_ids=ids, labels=ids, output_router_logits=True)
         each = [load_balancing_loss(out.router_logits[i:i + 1], out.router_indices[i:i + 1], 4) for i in range(2)]
-        expected = sum(each) / 2 if scope == "per_layer" else load_balancing_loss(out.router_logits, out.router_indices, 4)
+        pooled = load_balancing_loss(out.router_logits, out.router_indices, 4)
+        expected = sum(each) / 2 if scope == "per_layer" else pooled
         assert float(out.aux_loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6), scope
         losses[scope] = float(out.aux_loss.detach())
     assert losses["per_layer"] >= losses["pooled"] - 1e-6  # Cauchy-Schwarz: pooling can only hide imbalance

@@ -476,7 +476,8 @@ def test_the_recipes_default_router_exports_to_glm4_moe_and_its_gguf(tokenizer, 
     """A model with the recipes' balanced router (`BALANCED_ROUTER`: sigmoid + a trained selection bias) is held by
     GLM-4-MoE and llama.cpp's glm4moe: same logits natively and in the GGUF's numpy reference forward."""
     ours = make_model(seed=2, **BALANCED_ROUTER)
-    assert all(m.e_score_correction_bias.abs().max() > 0 for m in ours.modules() if hasattr(m, "e_score_correction_bias"))
+    biases = [m.e_score_correction_bias for m in ours.modules() if hasattr(m, "e_score_correction_bias")]
+    assert biases and all(bias.abs().max() > 0 for bias in biases)
     src = save(ours, tmp_path / "src", tokenizer)
     result = export_for_serving(src, tmp_path / "out", gguf="f32")
     assert result.family == "glm4_moe"

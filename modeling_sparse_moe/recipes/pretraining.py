@@ -711,7 +711,10 @@ def _write_plots(output_dir: str, log_history: list[dict], telemetry: str | None
 # because a selection bias on a *softmax* router has no native counterpart, while GLM-4-MoE (transformers) and
 # llama.cpp's glm4moe hold sigmoid + correction bias, so a default-trained model exports (docs/serving.md).
 BALANCED_ROUTER = {
-    "router_type": "sigmoid", "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001, "router_bias_update_rate": 0.01,
+    "router_type": "sigmoid",
+    "router_aux_loss_coef": 0.01,
+    "router_z_loss_coef": 0.001,
+    "router_bias_update_rate": 0.01,
 }
 
 
