@@ -353,7 +353,7 @@ print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "
 
 def stage_hub(folder: Path, size: Size, state: State) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from .interop.hub import ModelCardInfo, save_for_hub
 
@@ -377,6 +377,9 @@ def stage_hub(folder: Path, size: Size, state: State) -> dict:
     )
     out = folder / "hub"
     save_for_hub(model, out, tokenizer, card=card)
+    # The folder ships a generation config without the settings engines lack (no_repeat_ngram_size): compare the
+    # fresh process's greedy text with ours under that same shipped config.
+    model.generation_config = GenerationConfig.from_pretrained(out)
     ids = tokenizer(SENTENCE, return_tensors="pt")
     with torch.no_grad():
         reference = model(**ids).logits
