@@ -11,6 +11,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ROUTER_TYPES = ("softmax", "sigmoid")
 QK_NORM_TYPES = ("none", "head", "full")
+ROUTER_AUX_LOSS_SCOPES = ("pooled", "per_layer")
 
 
 class SparseMoEConfig(PreTrainedConfig):
@@ -74,6 +75,10 @@ class SparseMoEConfig(PreTrainedConfig):
 
     Losses:
         router_aux_loss_coef (`float`, defaults to 0.001): weight of the Switch/Mixtral load-balancing loss.
+        router_aux_loss_scope (`str`, defaults to `"pooled"`): `"pooled"` counts every layer's assignments together
+            (Mixtral's `load_balancing_loss_func`: one layer's dead expert hides behind the others' load);
+            `"per_layer"` is the mean over MoE layers of each layer's own loss (Switch, GShard, DeepSeek), so every
+            layer is pushed to balance on its own.
         router_z_loss_coef (`float`, defaults to 0.0): weight of the ST-MoE router z-loss.
         router_bias_update_rate (`float`, defaults to 0.0): step of DeepSeek-V3's aux-loss-free bias balancing
             applied by `update_router_biases`; 0 turns it off.
@@ -194,6 +199,7 @@ class SparseMoEConfig(PreTrainedConfig):
     router_jitter_noise: float | int = 0.0
     # losses
     router_aux_loss_coef: float | int = 0.001
+    router_aux_loss_scope: str = "pooled"
     router_z_loss_coef: float | int = 0.0
     router_bias_update_rate: float | int = 0.0
     output_router_logits: bool = False
@@ -365,6 +371,8 @@ class SparseMoEConfig(PreTrainedConfig):
             fail("hidden_act", f"must be one of transformers' activations, e.g. 'silu', 'gelu'")
         if self.qk_norm not in QK_NORM_TYPES:
             fail("qk_norm", f"must be one of {QK_NORM_TYPES}")
+        if self.router_aux_loss_scope not in ROUTER_AUX_LOSS_SCOPES:
+            fail("router_aux_loss_scope", f"must be one of {ROUTER_AUX_LOSS_SCOPES}")
         if self.router_type not in ROUTER_TYPES:
             fail("router_type", f"must be one of {ROUTER_TYPES}")
         if self.sliding_window is not None:

@@ -491,12 +491,10 @@ def router_probabilities(router_logits: torch.Tensor, router_type: str) -> torch
 
 
 def _load_balancing_sums(router_logits, router_indices, num_experts, router_type, attention_mask):
-    """Pooled over layers and non-padding rows: assignments per expert (E,), summed router probabilities per expert
-    (E,) and the number of rows. Counts carry no gradient; the probability sums do."""
+    """Per MoE layer, over non-padding rows: assignments per expert (L, E), summed router probabilities per expert
+    (L, E) and the number of rows (L,). Counts carry no gradient; the probability sums do."""
     device = router_logits[0].device
-    tokens_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    prob_per_expert = torch.zeros(num_experts, dtype=torch.float32, device=device)
-    total_rows = torch.zeros((), dtype=torch.float32, device=device)
+    tokens, probs, rows = [], [], []
     for logits_TE, index_TK in zip(router_logits, router_indices):
         probs_TE = router_probabilities(logits_TE, router_type)
         mask_T = _token_mask(attention_mask, logits_TE.shape[0])
@@ -504,12 +502,12 @@ def _load_balancing_sums(router_logits, router_indices, num_experts, router_type
             mask_T = torch.ones(logits_TE.shape[0], dtype=torch.float32, device=device)
         mask_T = mask_T.to(device)
         index_TK = index_TK.to(device)
-        tokens_per_expert = tokens_per_expert.scatter_add(
+        tokens.append(torch.zeros(num_experts, dtype=torch.float32, device=device).scatter_add(
             0, index_TK.reshape(-1), mask_T.repeat_interleave(index_TK.shape[1])
-        )
-        prob_per_expert = prob_per_expert + (probs_TE * mask_T.unsqueeze(-1)).sum(dim=0)
-        total_rows = total_rows + mask_T.sum()
-    return tokens_per_expert, prob_per_expert, total_rows
+        ))
+        probs.append((probs_TE * mask_T.unsqueeze(-1)).sum(dim=0))
+        rows.append(mask_T.sum())
+    return torch.stack(tokens), torch.stack(probs), torch.stack(rows)
 
 
 def _z_loss_sums(router_logits, attention_mask):
@@ -528,9 +526,14 @@ def _z_loss_sums(router_logits, attention_mask):
     return total, rows
 
 
-def _balance_from_sums(tokens_per_expert, prob_per_expert, total_rows, num_experts):
-    total_rows = total_rows.clamp(min=1.0)
-    return num_experts * torch.sum((tokens_per_expert / total_rows) * (prob_per_expert / total_rows))
+def _balance_from_sums(tokens_LE, probs_LE, rows_L, num_experts, scope="pooled"):
+    """E * sum_e f_e * P_e from per-layer sums: of the counts pooled over layers (`scope="pooled"`, Mixtral), or
+    the mean over layers of each layer's own value (`"per_layer"`, Switch / GShard / DeepSeek)."""
+    if scope == "pooled":
+        tokens_LE, probs_LE = tokens_LE.sum(0, keepdim=True), probs_LE.sum(0, keepdim=True)
+        rows_L = rows_L.sum(0, keepdim=True)
+    rows_L1 = rows_L.clamp(min=1.0).unsqueeze(-1)
+    return (num_experts * torch.sum((tokens_LE / rows_L1) * (probs_LE / rows_L1), dim=-1)).mean()
 
 
 def load_balancing_loss(
@@ -539,14 +542,16 @@ def load_balancing_loss(
     num_experts: int,
     router_type: str = "softmax",
     attention_mask: torch.Tensor | None = None,
+    scope: str = "pooled",
 ) -> torch.Tensor:
-    """Switch Transformer / Mixtral load-balancing loss, pooled over layers: E * sum_e f_e * P_e, where f_e is the
-    fraction of top-k assignments to expert e (counts sum to K per token) and P_e the mean router probability.
-    Padding positions (attention_mask == 0) are excluded. Equals transformers' `load_balancing_loss_func` for
-    softmax routing. This is the loss of the tokens given; under data parallelism the heads pool f and P over every
-    rank's batch (`data_parallel_router_losses`)."""
+    """Switch Transformer / Mixtral load-balancing loss: E * sum_e f_e * P_e, where f_e is the fraction of top-k
+    assignments to expert e (counts sum to K per token) and P_e the mean router probability. `scope="pooled"` counts
+    all layers together and equals transformers' `load_balancing_loss_func` for softmax routing; `"per_layer"` is the
+    mean over layers of each layer's own loss. Padding positions (attention_mask == 0) are excluded. This is the loss
+    of the tokens given; under data parallelism the heads pool f and P over every rank's batch
+    (`data_parallel_router_losses`)."""
     sums = _load_balancing_sums(router_logits, router_indices, num_experts, router_type, attention_mask)
-    return _balance_from_sums(*sums, num_experts)
+    return _balance_from_sums(*sums, num_experts, scope)
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -601,24 +606,31 @@ def data_parallel_router_losses(
     probability sums and z sums over the default process group; this rank's share is then
     `E * sum_e f_e * P_e(own rows)` and `sum z(own rows) / rows`: the shares of all ranks add up to the global losses,
     and each share's gradient is exactly the global loss's gradient w.r.t. this rank's router logits."""
-    num_experts = config.num_experts
-    tokens_E, probs_E, rows = _load_balancing_sums(
+    num_experts, scope = config.num_experts, config.router_aux_loss_scope
+    tokens_LE, probs_LE, rows_L = _load_balancing_sums(
         router_logits, router_indices, num_experts, config.router_type, attention_mask
     )
     z_sum, z_rows = _z_loss_sums(router_logits, attention_mask)
     num_ranks = _data_parallel_world() if pool_ranks else 1
     if num_ranks == 1:
-        aux_share = _balance_from_sums(tokens_E, probs_E, rows, num_experts)
+        aux_share = _balance_from_sums(tokens_LE, probs_LE, rows_L, num_experts, scope)
         z_share = z_sum / z_rows.clamp(min=1.0)
         aux_loss, z_loss = aux_share, z_share
     else:
-        pooled = _sum_over_ranks(torch.cat([tokens_E, rows.view(1), probs_E, z_sum.view(1), z_rows.view(1)]))
-        all_tokens_E, all_rows, all_probs_E, all_z, all_z_rows = pooled.split([num_experts, 1, num_experts, 1, 1])
-        all_rows, all_z_rows = all_rows.squeeze(0).clamp(min=1.0), all_z_rows.squeeze(0).clamp(min=1.0)
-        aux_share = num_experts * torch.sum((all_tokens_E / all_rows) * (probs_E / all_rows))
+        num_layers = rows_L.shape[0]
+        pooled = _sum_over_ranks(torch.cat([
+            tokens_LE.reshape(-1), rows_L, probs_LE.reshape(-1), z_sum.view(1), z_rows.view(1)
+        ]))
+        all_tokens_LE, all_rows_L, all_probs_LE, all_z, all_z_rows = pooled.split(
+            [num_layers * num_experts, num_layers, num_layers * num_experts, 1, 1]
+        )
+        all_tokens_LE, all_probs_LE = all_tokens_LE.view(num_layers, num_experts), all_probs_LE.view(num_layers, -1)
+        all_z_rows = all_z_rows.squeeze(0).clamp(min=1.0)
+        # f from every rank's counts, P from this rank's probabilities over every rank's rows: this rank's share.
+        aux_share = _balance_from_sums(all_tokens_LE, probs_LE, all_rows_L, num_experts, scope)
         z_share = z_sum / all_z_rows
         # Reported values are the pooled losses; their gradient is this rank's share's.
-        aux_pooled = num_experts * torch.sum((all_tokens_E / all_rows) * (all_probs_E / all_rows))
+        aux_pooled = _balance_from_sums(all_tokens_LE, all_probs_LE, all_rows_L, num_experts, scope)
         aux_loss = aux_share + (aux_pooled - aux_share).detach()
         z_loss = z_share + (all_z.squeeze(0) / all_z_rows - z_share).detach()
     penalty = None

@@ -78,10 +78,10 @@ class Size:
 # so the QA stage uses 1e-3 (docs/tasks.md).
 # NOTE: the MoE shape of "small" and "demo" is the one the MoE-vs-dense studies (docs/training.md, docs/tasks.md)
 # found best at this scale; "smoke" only checks that every stage runs. The router balancing is the recipes' default
-# (`pretraining.BALANCED_ROUTER`): configs/demo carries it, "smoke" sets it on configs/tiny.
+# (`pretraining.BALANCED_ROUTER`): configs/demo and configs/tiny carry it.
 SIZES = {
     "smoke": Size(
-        model="tiny", overrides="vocab_size=512,max_position_embeddings=256,router_bias_update_rate=0.005",
+        model="tiny", overrides="vocab_size=512,max_position_embeddings=256",
         vocab_size=512, corpus_chars=60_000, block_size=64, pretrain_steps=8, pretrain_batch=8, translation_steps=8,
         translation_train=64, translation_eval=8, qa_steps=8, qa_train=64, qa_eval=16, lr=3e-3, batch=8,
         notes="2 layers x 32, 4 experts: every stage runs; the numbers mean nothing",
@@ -353,7 +353,7 @@ print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "
 
 def stage_hub(folder: Path, size: Size, state: State) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from .interop.hub import ModelCardInfo, save_for_hub
 
@@ -377,6 +377,9 @@ def stage_hub(folder: Path, size: Size, state: State) -> dict:
     )
     out = folder / "hub"
     save_for_hub(model, out, tokenizer, card=card)
+    # The folder ships a generation config without the settings engines lack (no_repeat_ngram_size): compare the
+    # fresh process's greedy text with ours under that same shipped config.
+    model.generation_config = GenerationConfig.from_pretrained(out)
     ids = tokenizer(SENTENCE, return_tensors="pt")
     with torch.no_grad():
         reference = model(**ids).logits

@@ -53,6 +53,10 @@ def main(argv=None) -> int:
         print(f"export.py: error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {result.folder} ({result.family})" + (f" and {result.gguf}" if result.gguf else ""))
+    if result.dropped_generation:
+        settings = ", ".join(f"{name}={value}" for name, value in result.dropped_generation.items())
+        print(f"generation_config.json leaves out {settings}: vLLM and llama.cpp have no such setting, so the folder "
+              f"decodes alike everywhere; pass {settings} to generate() to decode as the recipe scored")
     return 0
 
 

@@ -40,7 +40,8 @@ from transformers import (
 )
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM, conversion
+from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM
+from modeling_sparse_moe.interop import families
 from modeling_sparse_moe.interop.conversion import (
     convert_folder,
     from_hf,
@@ -609,7 +610,7 @@ def test_to_hf_rejects_correction_bias_and_unknown_family():
 def test_to_hf_keeps_structure_and_drops_training_only_settings(monkeypatch):
     """Capacity, z-loss and bias updates only act in training: exported with a warning, not refused."""
     warnings = []
-    monkeypatch.setattr(conversion.logger, "warning", warnings.append)
+    monkeypatch.setattr(families.logger, "warning", warnings.append)
     config = sparse(qk_norm="head", capacity_factor=1.25, router_z_loss_coef=0.001, first_k_dense_replace=1)
     hf_config = hf_config_from_sparse(config, "qwen3_moe")
     assert hf_config.model_type == "qwen3_moe" and hf_config.mlp_only_layers == [0]

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from modeling_sparse_moe import SparseMoEForCausalLM
 from modeling_sparse_moe.interop.conversion import convert_folder, from_hf, to_hf
 from modeling_sparse_moe.recipes.data import load_text_corpus, train_tokenizer
+from modeling_sparse_moe.recipes.pretraining import BALANCED_ROUTER
 from modeling_sparse_moe.interop.export import (
     export_for_serving,
     gguf_tokenizer_fields,
@@ -469,6 +470,48 @@ def test_unsupported_config_is_refused_with_the_nearest_settings(tokenizer, tmp_
     assert "Without a GGUF, qwen3_moe holds it." in str(error.value)
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["src", "src2"]
     assert export_for_serving(src2, tmp_path / "out").family == "qwen3_moe"
+
+
+def test_the_recipes_default_router_exports_to_glm4_moe_and_its_gguf(tokenizer, tmp_path):
+    """A model with the recipes' balanced router (`BALANCED_ROUTER`: sigmoid + a trained selection bias) is held by
+    GLM-4-MoE and llama.cpp's glm4moe: same logits natively and in the GGUF's numpy reference forward."""
+    ours = make_model(seed=2, **BALANCED_ROUTER)
+    biases = [m.e_score_correction_bias for m in ours.modules() if hasattr(m, "e_score_correction_bias")]
+    assert biases and all(bias.abs().max() > 0 for bias in biases)
+    src = save(ours, tmp_path / "src", tokenizer)
+    result = export_for_serving(src, tmp_path / "out", gguf="f32")
+    assert result.family == "glm4_moe"
+    ids = ids_for(tokenizer)
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_fp32_close(logits(native, ids), logits(ours, ids))
+    reference = llama_cpp_reference_logits(gguf.GGUFReader(result.gguf), ids[0].numpy())
+    np.testing.assert_allclose(reference, logits(ours, ids)[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_softmax_router_with_a_selection_bias_is_one_error_naming_cause_and_fix(tokenizer, tmp_path, capsys):
+    model = make_model(router_bias_update_rate=0.005)  # the former recipe default: softmax + bias updates
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):
+            module.e_score_correction_bias.fill_(0.01)
+    src = save(model, tmp_path / "src", tokenizer)
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert export_cli.main([str(src), str(tmp_path / "out"), "--gguf"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export.py: error: This model's softmax router has a selection bias")
+    assert "e_score_correction_bias non-zero in layers [0, 1]" in err[0]
+    assert "router_type='sigmoid'" in err[0] and "router_bias_update_rate=0" in err[0]
+    assert "Nearest" not in err[0] and not (tmp_path / "out").exists()
+
+
+def test_generation_settings_engines_lack_stay_out_of_the_exported_folder(tokenizer, tmp_path, capsys):
+    model = make_model()
+    model.generation_config.no_repeat_ngram_size = 3
+    model.generation_config.num_beams = 2
+    src = save(model, tmp_path / "src", tokenizer)
+    assert export_cli.main([str(src), str(tmp_path / "out")]) == 0
+    shipped = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert "no_repeat_ngram_size" not in shipped and shipped["num_beams"] == 2  # vLLM and llama.cpp have beams
+    assert "leaves out no_repeat_ngram_size=3" in capsys.readouterr().out
 
 
 def test_bad_input_is_refused_and_nothing_is_half_written(tokenizer, tmp_path, capsys, monkeypatch):

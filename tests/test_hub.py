@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -329,6 +330,48 @@ def test_card_metadata_round_trips(causal_folder, causal_lm):
     assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert "| perplexity | 250.5 | Python docs topics (validation) |" in text
     assert "{{" not in text and "{%" not in text
+
+
+CARD_SNIPPETS = r"""
+import json, re, sys
+folder, repo_id, card = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
+blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+for number, block in enumerate(blocks):
+    exec(block.replace(repr(repo_id).replace("'", '"'), repr(folder)), {"__name__": f"snippet{number}"})
+    print(f"snippet {number} ran")
+"""
+
+
+def test_every_python_snippet_on_the_card_runs_as_written(causal_lm, tokenizer, tmp_path):
+    """The card's snippets, executed as written (the repo id pointed at the saved folder) in a fresh process with no
+    stdin: a `trust_remote_code` prompt would end it. The recipe's `no_repeat_ngram_size` stays out of the shipped
+    generation config (vLLM and llama.cpp have no such setting) and the card shows it passed to `generate()`."""
+    import copy
+
+    model = copy.deepcopy(causal_lm)
+    model.generation_config.no_repeat_ngram_size = 3
+    folder = save_for_hub(model, tmp_path / "tiny-moe", tokenizer, card=CARD)
+    shipped = json.loads((folder / "generation_config.json").read_text())
+    assert "no_repeat_ngram_size" not in shipped and shipped["eos_token_id"] == model.generation_config.eos_token_id
+    card = (folder / "README.md").read_text()
+    assert "no_repeat_ngram_size=3)" in card and card.count("```python") == 2
+    loads = re.findall(r"from_pretrained\(.*?\)", "".join(re.findall(r"```python\n(.*?)```", card, flags=re.S)))
+    assert len(loads) == 4 and all("trust_remote_code=True" in call for call in loads)  # model and tokenizer, twice
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", CARD_SNIPPETS, str(folder), REPO_ID, str(folder / "README.md")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ran") == 2 and "Do you wish to run the custom code" not in proc.stderr
+    # The same snippets loaded the folder's own code: greedy text printed by both (the second with the setting).
+    printed = [line for line in proc.stdout.splitlines() if line.startswith(PROMPT_ON_CARD)]
+    assert len(printed) == 2
+
+
+PROMPT_ON_CARD = "The Python language"
 
 
 def test_card_template_ships_in_the_package():

@@ -38,30 +38,29 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers.utils import logging
 
 from ..configuration_sparse_moe import SparseMoEConfig
-from .conversion import (
+from .conversion import convert_folder, to_hf
+from .families import (
+    FAMILY_PREFERENCE,
+    GGUF_ARCHITECTURES,
     MOE_FAMILIES,
-    _atomic_output_dir,
-    _load_config,
-    _SafetensorsFolder,
     _glm4_moe_shared_count,
-    _StateDictSource,
-    convert_folder,
+    _load_config,
     family_problems,
-    to_hf,
+    gguf_problems,
+    pick_family,
 )
+from .safetensors_io import _atomic_output_dir, _SafetensorsFolder, _StateDictSource
 
 
 logger = logging.get_logger(__name__)
 
-# Tried in this order when the family is "auto": the most widely served first (Mixtral runs everywhere).
-FAMILY_PREFERENCE = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe")
-# llama.cpp architecture of each family (gguf.MODEL_ARCH_NAMES spelling).
-GGUF_ARCHITECTURES = {
-    "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe", "glm4_moe": "glm4moe",
-}  # fmt: skip
 GGUF_TYPES = ("f32", "f16", "q8_0")  # written here, in Python
 LLAMA_QUANTIZE_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0")  # need llama.cpp's quantizer (k-quants have no Python one)
 TOKENIZER_FILES = ("tokenizer.json",)
+# Generation settings that transformers' `generate()` applies and the serving engines (vLLM, llama.cpp) have no setting
+# for: a shipped generation_config.json that carries them answers differently in transformers than in the engines.
+# They stay in the recipes' evaluation flags (`--no_repeat_ngram_size`) and the model card says how to apply them.
+ENGINE_UNSUPPORTED_GENERATION = ("no_repeat_ngram_size",)
 # The one BPE pre-tokenisation llama.cpp knows that our tokenizers use: GPT-2's ByteLevel regex, no prefix space.
 GGUF_PRE_TOKENIZER = "gpt-2"
 
@@ -73,60 +72,7 @@ class ExportResult:
     folder: Path
     family: str
     gguf: Path | None = None
-
-
-# ========================================================================================================= families
-def pick_family(config: SparseMoEConfig, source=None, *, gguf: bool = False) -> str:
-    """The first family of `FAMILY_PREFERENCE` that holds `config` exactly (with `gguf=True`: whose llama.cpp
-    architecture runs it too). `source` (tensors) lets a non-zero router correction bias count. Raises a `ValueError`
-    listing each family's reasons and the nearest one's changes when none does."""
-    reasons, without_gguf = {}, []
-    for family in FAMILY_PREFERENCE:
-        problems = family_problems(config, family, source)
-        if gguf and not problems:
-            without_gguf.append(family)
-            problems = gguf_problems(config, family)
-        if not problems:
-            return family
-        reasons[family] = problems
-    nearest = min(reasons, key=lambda family: len(reasons[family]))
-    lines = "\n".join(f"  - {family}: " + "; ".join(problems) for family, problems in reasons.items())
-    hint = f" Without a GGUF, {without_gguf[0]} holds it." if without_gguf else ""
-    raise ValueError(
-        f"No transformers family{' with a llama.cpp architecture' if gguf else ''} holds this model exactly:\n{lines}\n"
-        f"Nearest: {nearest}, after changing {'; '.join(reasons[nearest])}.{hint} Otherwise serve the SparseMoE "
-        "folder itself through vLLM's Transformers backend (--model-impl transformers --trust-remote-code)."
-    )
-
-
-def gguf_problems(config: SparseMoEConfig, family: str) -> list[str]:
-    """What llama.cpp's graph for `family`'s architecture computes differently from `config` (beyond what the
-    transformers family already refuses): fixed top-k normalisation, every layer MoE, no sliding window, ..."""
-    arch = GGUF_ARCHITECTURES[family]
-    problems = []
-    n = config.num_hidden_layers
-    dense = [i for i in range(n) if not config.is_moe_layer(i)]
-    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-    if rope_type not in ("default", "linear"):
-        problems.append(f"rope_type={rope_type!r}: written for 'default' and 'linear' RoPE only")
-    if config.hidden_act != "silu":
-        problems.append(f"hidden_act={config.hidden_act!r}: llama.cpp's {arch} experts use SiLU")
-    window = config.sliding_window
-    if window is not None and window < config.max_position_embeddings:
-        problems.append(f"sliding_window={window}: llama.cpp's {arch} attends to the full context")
-    if arch in ("qwen2moe", "qwen3moe") and dense:
-        problems.append(f"dense MLP layers {dense}: llama.cpp's {arch} makes every layer an MoE layer")
-    fixed_norm = {"qwen2moe": False, "olmoe": False, "qwen3moe": True, "llama": True}.get(arch)
-    if fixed_norm is not None and config.norm_topk_prob != fixed_norm:
-        problems.append(f"norm_topk_prob={config.norm_topk_prob}: llama.cpp's {arch} always uses {fixed_norm}")
-    if arch in ("qwen2moe", "olmoe") and config.head_dim * config.num_attention_heads != config.hidden_size:
-        problems.append(f"head_dim={config.head_dim}: llama.cpp's {arch} needs head_dim * heads == hidden_size")
-    if arch == "olmoe" and config.attention_bias:
-        problems.append("attention_bias=True: llama.cpp's olmoe has no attention biases")
-    if arch == "olmoe" and config.num_key_value_heads != config.num_attention_heads:
-        problems.append(f"num_key_value_heads={config.num_key_value_heads}: llama.cpp's olmoe k-norm spans "
-                        "hidden_size, so it needs num_key_value_heads == num_attention_heads")
-    return problems
+    dropped_generation: dict = dataclasses.field(default_factory=dict)  # settings left out of generation_config.json
 
 
 # =========================================================================================================== export
@@ -173,6 +119,12 @@ def export_for_serving(
     candidates = [Path(tokenizer)] if tokenizer else [src, model_folder] if adapter else [src]
     tokenizer_folder = _tokenizer_folder(candidates)
 
+    if adapter and config.router_bias_update_rate > 0:
+        # NOTE: the bias updates made while an adapter trains move the base's router-bias buffers, which PEFT does not
+        # save with the adapter: adapter + base then routes with the base's biases, not the fine-tuned ones.
+        logger.warning(f"export: {src} is an adapter of a model trained with router_bias_update_rate="
+                       f"{config.router_bias_update_rate}; the adapter does not hold the router biases its fine-tuning "
+                       "moved, so export the merged model the recipe saved (merge_and_unload) for the trained routing")
     merged = _merge_adapter(model_folder, src) if adapter else None
     with _tensors(model_folder, merged) as source:
         if family == "auto":
@@ -196,6 +148,10 @@ def export_for_serving(
         tok.save_pretrained(tmp)
         if not (tmp / "generation_config.json").is_file():
             GenerationConfig.from_model_config(_load_config(tmp)).save_pretrained(tmp)
+        dropped = portable_generation_config(tmp)
+        if dropped:
+            logger.warning(f"export: generation_config.json leaves out {dropped} (vLLM and llama.cpp have no such "
+                           "setting); pass it to generate() to decode as the recipe scored (docs/serving.md)")
         gguf_path = None
         if gguf_type is not None:
             with _tensors(model_folder, merged) as source:
@@ -207,7 +163,7 @@ def export_for_serving(
                 quantize_gguf(gguf_path, quantized, gguf_type)
                 gguf_path = quantized
         _umask_permissions(tmp)
-    return ExportResult(dst, family, dst / gguf_path.name if gguf_path is not None else None)
+    return ExportResult(dst, family, dst / gguf_path.name if gguf_path is not None else None, dropped)
 
 
 def _umask_permissions(folder: Path) -> None:
@@ -269,6 +225,20 @@ def _tokenizer_folder(candidates: list[Path]) -> Path:
     names = ", ".join(str(folder) for folder in candidates)
     raise ValueError(f"No tokenizer (tokenizer.json) in {names}: serving needs one. Save it into the model folder "
                      "with tokenizer.save_pretrained(FOLDER), or pass --tokenizer FOLDER (tokenizer=...).")
+
+
+def portable_generation_config(folder: str | os.PathLike) -> dict:
+    """Rewrite `folder`/generation_config.json without the `ENGINE_UNSUPPORTED_GENERATION` settings, so that
+    transformers, vLLM and llama.cpp decode the folder alike; returns the settings left out ({name: value}), empty
+    when there is no file or nothing to leave out."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    fields = json.loads(path.read_text())
+    dropped = {name: fields.pop(name) for name in ENGINE_UNSUPPORTED_GENERATION if fields.get(name)}
+    if dropped:
+        path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    return dropped
 
 
 def _copy_generation_config(*folders_then_dst: Path) -> None:
@@ -599,10 +569,12 @@ __all__ = [
     "FAMILY_PREFERENCE",
     "GGUF_ARCHITECTURES",
     "GGUF_TYPES",
+    "ENGINE_UNSUPPORTED_GENERATION",
     "LLAMA_QUANTIZE_TYPES",
     "ExportResult",
     "export_for_serving",
     "pick_family",
+    "portable_generation_config",
     "gguf_problems",
     "gguf_tokenizer_fields",
     "write_gguf",

@@ -39,6 +39,7 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers.dynamic_module_utils import get_class_from_dynamic_module, get_imports, get_relative_imports
 
 from .. import AUTO_CLASSES, SparseMoEConfig, __version__
+from .export import portable_generation_config
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the Hub-facing model files live at the package's top
 
@@ -258,10 +259,12 @@ def build_model_card(
     architecture: str | None = None,
     total_params: int | None = None,
     code_files: list[str] | None = None,
+    dropped_generation: dict | None = None,
 ) -> ModelCard:
     """Fill the card template from a config (architecture, parameter counts, routing) and `info` (data, metrics,
     use). `total_params` overrides the count of the causal LM for other heads; active = total minus the experts a
-    token skips."""
+    token skips. `dropped_generation`: decoding settings left out of the shipped generation config
+    (`export.portable_generation_config`); the card shows how to pass them to `generate()`."""
     info = info or ModelCardInfo()
     architecture = architecture or (config.architectures or ["SparseMoEForCausalLM"])[0]
     auto_class = next((a for a, (_, m) in AUTO_CLASSES.items() if m.__name__ == architecture), "AutoModelForCausalLM")
@@ -335,6 +338,7 @@ def build_model_card(
         intended_use=info.intended_use,
         limitations=info.limitations,
         code_files=code_files or sorted(f.name for f in hub_facing_files()),
+        dropped_generation=dropped_generation or {},
     )
 
 
@@ -385,7 +389,11 @@ def describe_routing(config: SparseMoEConfig) -> str:
 
 
 def write_model_card(
-    folder: str | Path, info: ModelCardInfo | None = None, *, total_params: int | None = None
+    folder: str | Path,
+    info: ModelCardInfo | None = None,
+    *,
+    total_params: int | None = None,
+    dropped_generation: dict | None = None,
 ) -> Path:
     """Render the card for the model saved in `folder` (its `config.json` is the source of truth) into README.md."""
     folder = Path(folder)
@@ -394,7 +402,8 @@ def write_model_card(
         info = replace(info, model_name=folder.resolve().name)
     config = SparseMoEConfig.from_pretrained(folder)
     code_files = sorted(p.name for p in folder.glob("*.py"))
-    card = build_model_card(config, info, total_params=total_params, code_files=code_files or None)
+    card = build_model_card(config, info, total_params=total_params, code_files=code_files or None,
+                            dropped_generation=dropped_generation)
     path = folder / CARD_FILE
     card.save(path)
     return path
@@ -409,15 +418,19 @@ def save_for_hub(
     max_shard_size: int | str = "5GB",
     card: ModelCardInfo | None = None,
 ) -> Path:
-    """Save `model` (and `tokenizer`) as a complete Hub repository: sharded safetensors, generation config,
+    """Save `model` (and `tokenizer`) as a complete Hub repository: sharded safetensors, generation config (without
+    the settings serving engines lack, `export.ENGINE_UNSUPPORTED_GENERATION`),
     self-contained remote code with every head in `auto_map`, and the model card. Returns the folder."""
     folder = Path(folder)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     complete_hub_folder(folder)
+    # NOTE: settings only `generate()` applies (no_repeat_ngram_size) stay out of the shipped generation config, so
+    # that vLLM and llama.cpp serving this folder decode as transformers does; the card says how to add them back.
+    dropped = portable_generation_config(folder)
     total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
-    write_model_card(folder, card, total_params=total)
+    write_model_card(folder, card, total_params=total, dropped_generation=dropped)
     return folder
 
 

@@ -758,12 +758,19 @@ def _write_plots(output_dir: str, log_history: list[dict], telemetry: str | None
 
 
 # ------------------------------------------------------------------------------------------------- router balance
-# How the pretraining recipes here balance their routers (configs/demo, which the recipe and the quickstart use, and
-# the study's MoE variants): the Switch aux loss and the ST-MoE z-loss as before, plus DeepSeek-V3's aux-loss-free
-# bias balancing. NOTE: the aux loss pools assignments over layers (Mixtral's formula), so it cannot see one layer's
-# dead expert when another layer overuses the same index; the bias update balances each layer on its own. Chosen by
-# the ablation in docs/training.md ("Balanced by default").
-BALANCED_ROUTER = {"router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001, "router_bias_update_rate": 0.005}
+# How the pretraining recipes here balance their routers (configs/demo and configs/tiny, which the recipes and the
+# quickstart use, and the study's MoE variants): DeepSeek-V3's routing, sigmoid scores plus a selection-only
+# correction bias moved by aux-loss-free updates, with the Switch aux loss and the ST-MoE z-loss as before.
+# NOTE: the bias update balances each layer on its own (the pooled aux loss cannot see one layer's dead expert, and a
+# per-layer aux loss of 0.01-0.05 still starved experts in tests/test_balance.py's stub); a sigmoid router is used
+# because a selection bias on a *softmax* router has no native counterpart, while GLM-4-MoE (transformers) and
+# llama.cpp's glm4moe hold sigmoid + correction bias, so a default-trained model exports (docs/serving.md).
+BALANCED_ROUTER = {
+    "router_type": "sigmoid",
+    "router_aux_loss_coef": 0.01,
+    "router_z_loss_coef": 0.001,
+    "router_bias_update_rate": 0.01,
+}
 
 
 __all__ = [
