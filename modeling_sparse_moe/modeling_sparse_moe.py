@@ -95,7 +95,8 @@ class SparseMoEModelOutputWithPast(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus the routing decisions of every MoE layer.
 
     router_indices: per MoE layer, (T, K) experts chosen before capacity dropping.
-    router_dropped: per MoE layer, (T, K) bool mask of assignments dropped for capacity (training only).
+    router_dropped: per MoE layer, (T, K) bool mask of assignments dropped for capacity (training only) or skipped
+        by `router_skip_threshold`.
     """
 
     router_indices: tuple[torch.Tensor, ...] | None = None
@@ -301,7 +302,8 @@ class SparseMoERouter(KeepBuffersFp32, nn.Module):
       - `router_logits_TE` fp32 logits (recorded as `router_logits`),
       - `top_k_weights_TK` fp32 combine weights, 0 for dropped assignments,
       - `top_k_index_TK` the chosen experts (before dropping),
-      - `dropped_TK` bool mask of assignments over capacity, or `None` when nothing can be dropped.
+      - `dropped_TK` bool mask of assignments over capacity or below `router_skip_threshold`, or `None` when nothing
+        can be dropped.
     """
 
     # NOTE: `model.to(torch.bfloat16)` would cast these buffers too: in bf16, bias updates of 1e-3 vanish once |bias|
@@ -377,6 +379,13 @@ class SparseMoERouter(KeepBuffersFp32, nn.Module):
         scores_TE = self.scores(router_logits_TE)
         top_k_index_TK = self.select(scores_TE)
         top_k_weights_TK = scores_TE.gather(1, top_k_index_TK)
+        skipped_TK = None
+        if self.config.router_skip_threshold > 0:
+            # NAEE (arXiv 2402.14800): skip a chosen expert whose score is below a fraction of the token's top score;
+            # it becomes a dropped assignment (weight 0, the experts skip it), the rest renormalised below.
+            top_TK = top_k_weights_TK.amax(dim=-1, keepdim=True)
+            skipped_TK = top_k_weights_TK < self.config.router_skip_threshold * top_TK
+            top_k_weights_TK = top_k_weights_TK.masked_fill(skipped_TK, 0.0)
         if self.norm_topk_prob:
             top_k_weights_TK = top_k_weights_TK / (top_k_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.routed_scaling_factor != 1.0:
@@ -390,6 +399,8 @@ class SparseMoERouter(KeepBuffersFp32, nn.Module):
             if self.config.capacity_factor is not None:
                 dropped_TK = self.over_capacity(top_k_index_TK)
                 top_k_weights_TK = top_k_weights_TK.masked_fill(dropped_TK, 0.0)
+        if skipped_TK is not None:
+            dropped_TK = skipped_TK if dropped_TK is None else dropped_TK | skipped_TK
         return router_logits_TE, top_k_weights_TK, top_k_index_TK, dropped_TK
 
 
