@@ -43,6 +43,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs,
 
 from .configuration_sparse_moe import SparseMoEConfig
 from .moe_primitives import KeepBuffersFp32
+from .int8_experts import prepare_int8_layout
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 from .quantization import (
     after_from_pretrained,
@@ -758,6 +759,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
     def post_init(self):
         super().post_init()
         prepare_quantized_layout(self)  # a saved 4-bit model: packed expert layout, for its checkpoint to fill
+        prepare_int8_layout(self)  # a saved int8 model (int8_experts.py): empty int8 modules, likewise
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
