@@ -307,6 +307,54 @@ def merge_experts(model: nn.Module, num_experts: int, calibration=None) -> nn.Mo
     return model
 
 
+# ---------------------------------------------------------------------------------------------- folder to folder
+def prune_from_folder(src: str, dst: str, num_experts: int, *, method: str = "prune", criterion: str = "reap",
+                      calibration: str | None = None, calibration_file: str | None = None,
+                      dataset_name: str | None = None, dataset_config_name: str | None = None,
+                      dataset_split: str = "train", text_column: str = "text", block_size: int = 128,
+                      max_tokens: int | None = 16384, seed: int = 0) -> str:
+    """What scripts/prune.py does: load `src`, prune or merge to `num_experts`, save to `dst` (with the tokenizer,
+    and the remote code when `src` had it). Returns a one-paragraph summary."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibration import calibration_texts, token_blocks
+
+    if method not in ("prune", "merge"):
+        raise ValueError(f"method {method!r}: choose 'prune' or 'merge'")
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    check_expert_count(model, num_experts)
+    tokenizer = None
+    if any((Path(src) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    blocks = None
+    if method == "merge" or criterion != "random":
+        if tokenizer is None:
+            raise ValueError(f"{src} has no tokenizer to cut calibration text with; save one next to the model")
+        texts = calibration_texts(calibration, calibration_file=calibration_file, dataset_name=dataset_name,
+                                  dataset_config_name=dataset_config_name, text_column=text_column,
+                                  split=dataset_split)
+        blocks = token_blocks(tokenizer, texts, block_size, max_tokens)
+    before = model.config.num_experts
+    if method == "merge":
+        merge_experts(model, num_experts, blocks)
+        detail = f"merged (frequency-weighted, nearest by router logits): {model.merged_experts}"
+    else:
+        prune_experts(model, num_experts, criterion, blocks, seed=seed)
+        detail = f"kept per layer ({criterion}): {model.pruned_experts}"
+    model.save_pretrained(dst)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dst)
+    if (Path(src) / "modeling_sparse_moe.py").is_file():  # a Hub folder stays one: its remote code travels along
+        from ..interop.hub import complete_hub_folder
+
+        complete_hub_folder(Path(dst))
+    tokens = sum(b.numel() for b in blocks) if blocks else 0
+    return (f"{src}: {before} -> {num_experts} experts per layer by {method}, {tokens} calibration tokens; {detail}; "
+            f"saved to {dst}")
+
+
 __all__ = [
     "CRITERIA",
     "ExpertStatistics",
@@ -317,5 +365,6 @@ __all__ = [
     "merge_experts",
     "moe_blocks",
     "prune_experts",
+    "prune_from_folder",
     "select_experts",
 ]
