@@ -72,6 +72,9 @@ class SparseMoEConfig(PreTrainedConfig):
             Evaluation and generation are always dropless.
         router_jitter_noise (`float`, defaults to 0.0): multiplicative uniform noise on the router input in training
             (Switch Transformer).
+        router_skip_threshold (`float`, defaults to 0.0): gate-threshold skipping at inference (NAEE, arXiv
+            2402.14800): a token skips a chosen expert whose score is below this fraction of its top expert's score
+            (the remaining weights are renormalised when `norm_topk_prob`); in [0, 1), 0 skips nothing.
 
     Losses:
         router_aux_loss_coef (`float`, defaults to 0.001): weight of the Switch/Mixtral load-balancing loss.
@@ -197,6 +200,7 @@ class SparseMoEConfig(PreTrainedConfig):
     topk_group: int = 1
     capacity_factor: float | int | None = None
     router_jitter_noise: float | int = 0.0
+    router_skip_threshold: float | int = 0.0
     # losses
     router_aux_loss_coef: float | int = 0.001
     router_aux_loss_scope: str = "pooled"
@@ -350,7 +354,7 @@ class SparseMoEConfig(PreTrainedConfig):
         for field in ("num_experts", "num_shared_experts", "first_k_dense_replace"):
             check_int(field, 0)
         for field in ("rms_norm_eps", "initializer_range", "router_aux_loss_coef", "router_z_loss_coef",
-                      "router_bias_update_rate", "router_jitter_noise", "attention_dropout"):
+                      "router_bias_update_rate", "router_jitter_noise", "attention_dropout", "router_skip_threshold"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 fail(field, "must be a finite number")
@@ -362,6 +366,8 @@ class SparseMoEConfig(PreTrainedConfig):
             fail("attention_dropout", "must be < 1")
         if self.router_jitter_noise >= 1:
             fail("router_jitter_noise", "must be < 1 (the noise multiplies the input by U(1 - eps, 1 + eps))")
+        if self.router_skip_threshold >= 1:
+            fail("router_skip_threshold", "must be < 1 (a fraction of the top expert's score; 1 would skip ties)")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2 != 0:

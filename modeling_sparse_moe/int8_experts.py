@@ -43,6 +43,7 @@ from .moe_primitives import KeepBuffersFp32, define_op, plan_dispatch
 
 
 INT8_MAX = 127
+INT8_FORMAT = "int8_per_channel"  # `config.int8_quantization["format"]`: what a saved int8 folder holds
 TRAINING_ERROR = (
     "int8 experts are for inference only (weights are frozen int8 without gradients); for training use QLoRA "
     "(4-bit experts with LoRA adapters: load_in_4bit=True and peft) or the full-precision model"
@@ -286,7 +287,61 @@ def quantize_experts_int8(model: nn.Module, shared_experts: bool = True, linears
     for parent, name, child in targets:
         if isinstance(child, nn.Linear):
             setattr(parent, name, Int8Linear.from_linear(child))
+    names = [name for name, m in model.named_modules() if isinstance(m, (Int8Experts, Int8Linear))]
+    model.config.int8_quantization = {"format": INT8_FORMAT, "modules": names}
     return model
+
+
+# -------------------------------------------------------------------------------------------- save and reload
+def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module] | None:
+    """(parent, attribute, module) for a dotted module name recorded on the causal LM, also from its base model (the
+    record's `model.` prefix dropped), or None when the model has no such module (e.g. a head the class lacks)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    for candidate in (name, name[len(prefix):] if name.startswith(prefix) else None):
+        if candidate is None:
+            continue
+        parent_name, _, attribute = candidate.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            continue
+        child = getattr(parent, attribute, None)
+        if isinstance(child, nn.Module):
+            return parent, attribute, child
+    return None
+
+
+def prepare_int8_layout(model: nn.Module) -> None:
+    """Called when a model is built (`post_init`): a config that records int8 modules (`config.int8_quantization`,
+    written by `quantize_experts_int8`, saved in config.json) gets those modules as empty int8 modules, for the
+    checkpoint to fill. A 4-bit `quantization_config` on the same config is refused: the weights are int8 already."""
+    config = getattr(model, "config", None)
+    spec = getattr(config, "int8_quantization", None)
+    if not spec:
+        return
+    if spec.get("format") != INT8_FORMAT:
+        raise ValueError(f"config.int8_quantization has format {spec.get('format')!r}; this code reads "
+                         f"{INT8_FORMAT!r} (int8 weights, fp32 scales per output channel).")
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            "this folder holds an int8 model (config.int8_quantization) and cannot be loaded with a 4-bit "
+            "quantization_config: load it without quantization_config, or quantize the full-precision model to 4 bits."
+        )
+    for name in spec.get("modules", []):
+        found = _resolve(model, name)
+        if found is None or isinstance(found[2], (Int8Experts, Int8Linear)):
+            continue
+        parent, attribute, child = found
+        if isinstance(child, nn.Linear):
+            with torch.device(child.weight.device):
+                module = Int8Linear(child.in_features, child.out_features, child.bias is not None)
+        elif getattr(child, "is_sparse_moe_experts", False):
+            with torch.device(child.gate_up_proj.device):
+                module = Int8Experts(child.num_experts, child.hidden_dim, child.intermediate_dim, config.hidden_act)
+        else:
+            raise ValueError(f"config.int8_quantization names {name!r}, a {type(child).__name__}: only experts and "
+                             f"linear layers are stored in int8.")
+        setattr(parent, attribute, module)
 
 
 def int8_weight_bytes(model: nn.Module) -> int:
@@ -305,6 +360,7 @@ __all__ = [
     "gathered_int8_experts_forward",
     "int8_experts_inference",
     "int8_weight_bytes",
+    "prepare_int8_layout",
     "quantize_experts_int8",
     "quantize_per_channel",
 ]

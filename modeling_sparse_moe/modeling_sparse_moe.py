@@ -43,6 +43,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs,
 
 from .configuration_sparse_moe import SparseMoEConfig
 from .moe_primitives import KeepBuffersFp32
+from .int8_experts import prepare_int8_layout
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 from .quantization import (
     after_from_pretrained,
@@ -95,7 +96,8 @@ class SparseMoEModelOutputWithPast(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus the routing decisions of every MoE layer.
 
     router_indices: per MoE layer, (T, K) experts chosen before capacity dropping.
-    router_dropped: per MoE layer, (T, K) bool mask of assignments dropped for capacity (training only).
+    router_dropped: per MoE layer, (T, K) bool mask of assignments dropped for capacity (training only) or skipped
+        by `router_skip_threshold`.
     """
 
     router_indices: tuple[torch.Tensor, ...] | None = None
@@ -301,7 +303,8 @@ class SparseMoERouter(KeepBuffersFp32, nn.Module):
       - `router_logits_TE` fp32 logits (recorded as `router_logits`),
       - `top_k_weights_TK` fp32 combine weights, 0 for dropped assignments,
       - `top_k_index_TK` the chosen experts (before dropping),
-      - `dropped_TK` bool mask of assignments over capacity, or `None` when nothing can be dropped.
+      - `dropped_TK` bool mask of assignments over capacity or below `router_skip_threshold`, or `None` when nothing
+        can be dropped.
     """
 
     # NOTE: `model.to(torch.bfloat16)` would cast these buffers too: in bf16, bias updates of 1e-3 vanish once |bias|
@@ -377,6 +380,13 @@ class SparseMoERouter(KeepBuffersFp32, nn.Module):
         scores_TE = self.scores(router_logits_TE)
         top_k_index_TK = self.select(scores_TE)
         top_k_weights_TK = scores_TE.gather(1, top_k_index_TK)
+        skipped_TK = None
+        if self.config.router_skip_threshold > 0:
+            # NAEE (arXiv 2402.14800): skip a chosen expert whose score is below a fraction of the token's top score;
+            # it becomes a dropped assignment (weight 0, the experts skip it), the rest renormalised below.
+            top_TK = top_k_weights_TK.amax(dim=-1, keepdim=True)
+            skipped_TK = top_k_weights_TK < self.config.router_skip_threshold * top_TK
+            top_k_weights_TK = top_k_weights_TK.masked_fill(skipped_TK, 0.0)
         if self.norm_topk_prob:
             top_k_weights_TK = top_k_weights_TK / (top_k_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.routed_scaling_factor != 1.0:
@@ -390,6 +400,8 @@ class SparseMoERouter(KeepBuffersFp32, nn.Module):
             if self.config.capacity_factor is not None:
                 dropped_TK = self.over_capacity(top_k_index_TK)
                 top_k_weights_TK = top_k_weights_TK.masked_fill(dropped_TK, 0.0)
+        if skipped_TK is not None:
+            dropped_TK = skipped_TK if dropped_TK is None else dropped_TK | skipped_TK
         return router_logits_TE, top_k_weights_TK, top_k_index_TK, dropped_TK
 
 
@@ -759,6 +771,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
     def post_init(self):
         super().post_init()
         prepare_quantized_layout(self)  # a saved 4-bit model: packed expert layout, for its checkpoint to fill
+        prepare_int8_layout(self)  # a saved int8 model (int8_experts.py): empty int8 modules, likewise
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

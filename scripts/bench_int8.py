@@ -4,6 +4,7 @@ eager and compiled, and (with a pretrained model) validation perplexity on held-
     python scripts/bench_int8.py --threads 1                      # quickstart "small" shape, random weights
     python scripts/bench_int8.py --quick                          # smoke run (2 layers, eager only, seconds)
     python scripts/bench_int8.py --model_name_or_path out/quickstart/pretrain/model --threads 1   # + perplexity
+    python scripts/bench_int8.py --model_name_or_path out/base --heldout_prompts 16   # + greedy tokens vs fp32
 
 Variants: `fp32` (the model as loaded), `int8` (`quantize_experts_int8(model)`: routed and shared experts) and
 `int8+linears` (`quantize_experts_int8(model, linears=True, lm_head=True)`: attention projections and the output
@@ -66,6 +67,9 @@ def parse_args(argv=None):
     parser.add_argument("--measures", default="prefill,decode", help="comma-separated: prefill, decode")
     parser.add_argument("--eval_blocks", type=int, default=256, help="validation blocks for the perplexity")
     parser.add_argument("--block_size", type=int, default=128)
+    parser.add_argument("--heldout_prompts", type=int, default=0,
+                        help="with --model_name_or_path: greedy-decode this many held-out prompts per variant and "
+                             "count those identical to fp32")
     args = parse_workload(parser, argv)
     args.modes = [m for m in args.modes.split(",") if m]
     args.measures = [m for m in args.measures.split(",") if m]
@@ -151,6 +155,31 @@ def perplexity(model, blocks: torch.Tensor, batch: int = 16) -> float:
     return math.exp(total / count)
 
 
+def heldout_greedy(models: dict, args) -> dict:
+    """Greedy decode (eager, `--new_tokens`) from the first 16 tokens of `--heldout_prompts` held-out validation
+    blocks: per variant, how many prompts decode exactly the fp32 tokens, and the mean length of the common prefix."""
+    blocks = validation_blocks(args.model_name_or_path, args.block_size, args.heldout_prompts)
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    decoded = {name: [] for name in models}
+    with torch.no_grad():
+        for block in blocks:
+            prompt = block[:16].unsqueeze(0)
+            for name, model in models.items():
+                decoded[name].append(model.generate(prompt, **kwargs)[0, 16:].tolist())
+
+    def common_prefix(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    reference = decoded["fp32"]
+    result = {name: dict(prompts=len(blocks), identical=sum(o == r for o, r in zip(outs, reference)),
+                         mean_common_prefix=statistics.mean(common_prefix(o, r) for o, r in zip(outs, reference)))
+              for name, outs in decoded.items()}
+    for name, r in result.items():
+        print(f"[held-out greedy] {name}: {r['identical']}/{r['prompts']} prompts identical to fp32, mean common "
+              f"prefix {r['mean_common_prefix']:.1f}/{args.new_tokens} tokens", flush=True)
+    return result
+
+
 def run(args) -> dict:
     models = build_models(args)
     vocab = models["fp32"].config.vocab_size
@@ -189,6 +218,8 @@ def run(args) -> dict:
             }
             line = "  ".join(f"{n} {t['wall_s'] * 1e3:.1f} ms ({t['cpu_s'] * 1e3:.1f} cpu)" for n, t in times.items())
             print(f"[{label} {mode}] {line}", flush=True)
+    if args.model_name_or_path and args.heldout_prompts:
+        report["heldout_greedy"] = heldout_greedy(models, args)
     if args.model_name_or_path:
         blocks = validation_blocks(args.model_name_or_path, args.block_size, args.eval_blocks)
         ppl = {name: perplexity(model, blocks) for name, model in models.items()}

@@ -5,6 +5,7 @@ for any model config, computed from the model's own tensor shapes on the meta de
     python scripts/plan_memory.py path/to/Mixtral-8x7B-v0.1/config.json     # Hub config.json: Mixtral, Qwen-MoE, OLMoE
     python scripts/plan_memory.py demo --lora_r 64 --lora_target attention,experts --per_device_train_batch_size 4 \
         --block_size 1024 --double_quant --json plan.json
+    python scripts/plan_memory.py mixtral-8x7b --pruned_experts 6,4      # adds rows for 6 and 4 experts per layer
 
 Layouts, the QLoRA terms and the activation formula are documented in modeling_sparse_moe/compression/memory_planner.py and
 docs/quantization-int8-and-planning.md. Prints one table per config; `--json` writes every figure in bytes.
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--no_upcast", action="store_true",
                         help="do not count prepare_model_for_kbit_training's fp32 copies of non-4-bit weights")
     parser.add_argument("--gpus", default=",".join(str(s) for s in GPU_SIZES), help="GPU sizes in GB (GiB)")
+    parser.add_argument("--pruned_experts", default="",
+                        help="comma-separated expert counts: add weight rows for the model pruned to each (e.g. 6,4)")
     parser.add_argument("--json", help="write every figure (bytes) to this file")
     return parser.parse_args(argv)
 
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
         plans = [
             plan_memory(spec, double_quant=args.double_quant, rank=args.lora_r, targets=targets,
                         batch_size=args.per_device_train_batch_size, seq_len=args.block_size,
-                        overhead_gib=args.overhead_gib, upcast=not args.no_upcast, gpu_sizes_gib=gpus)
+                        overhead_gib=args.overhead_gib, upcast=not args.no_upcast, gpu_sizes_gib=gpus,
+                        pruned_experts=tuple(int(s) for s in args.pruned_experts.split(",") if s))
             for spec in args.configs
         ]
     except (ValueError, OSError) as error:

@@ -166,6 +166,7 @@ OVERRIDE_CASES = {
     "topk_group": ("n_group=4,topk_group=2", {"n_group": 4, "topk_group": 2}),
     "capacity_factor": ("capacity_factor=1.25", {"capacity_factor": 1.25}),
     "router_jitter_noise": ("router_jitter_noise=0.01", {"router_jitter_noise": 0.01}),
+    "router_skip_threshold": ("router_skip_threshold=0.3", {"router_skip_threshold": 0.3}),
     "router_aux_loss_coef": ("router_aux_loss_coef=0.02", {"router_aux_loss_coef": 0.02}),
     "router_z_loss_coef": ("router_z_loss_coef=0.002", {"router_z_loss_coef": 0.002}),
     "router_bias_update_rate": ("router_bias_update_rate=0.001", {"router_bias_update_rate": 0.001}),

@@ -5,10 +5,16 @@ the whole model against fp32 within the error int8 rounding allows; generate; ba
 live in scripts/bench_int8.py."""
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+from transformers import AutoModelForCausalLM
 
 from modeling_sparse_moe import SparseMoEConfig, SparseMoEForCausalLM
 from modeling_sparse_moe.int8_experts import (
@@ -238,3 +244,70 @@ def test_quantizing_twice_or_a_model_without_experts_is_refused():
         quantize_experts_int8(model)
     with pytest.raises(ValueError, match="no MoE blocks"):
         quantize_experts_int8(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------------------------------------- save and reload
+def _int8_model(**quantize):
+    torch.manual_seed(0)
+    config = tiny_config(num_shared_experts=1, shared_expert_intermediate_size=20)
+    return quantize_experts_int8(SparseMoEForCausalLM(config).eval(), **quantize)
+
+
+@pytest.mark.parametrize("quantize", [dict(), dict(linears=True, lm_head=True)])
+def test_int8_model_saves_and_reloads_with_equal_logits(tmp_path, quantize):
+    model = _int8_model(**quantize)
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["int8_quantization"]
+    assert saved["format"] == "int8_per_channel" and "model.layers.0.mlp.experts" in saved["modules"]
+    assert ("lm_head" in saved["modules"]) == bool(quantize)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    int8_names = {n for n, m in reloaded.named_modules() if isinstance(m, (Int8Experts, Int8Linear))}
+    assert int8_names == set(saved["modules"])
+    for name, tensor in model.state_dict().items():  # the stored int8 codes and fp32 scales come back exactly
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        # the same int8 codes and scales; fp32 tolerance only because a reloaded tensor may sit at another alignment
+        # (BLAS kernels may differ in the last bits, see conftest.misalign_)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert reloaded.generate(ids[:1, :4], max_new_tokens=5, do_sample=False).tolist() == model.generate(
+            ids[:1, :4], max_new_tokens=5, do_sample=False).tolist()
+
+
+def test_int8_folder_with_a_4bit_config_is_one_clear_error(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    _int8_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="int8 model .* cannot be loaded with a 4-bit quantization_config"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers (~10 s)
+def test_int8_hub_folder_loads_through_its_remote_code(tmp_path):
+    from modeling_sparse_moe.interop.hub import save_for_hub
+
+    model = _int8_model(linears=True, lm_head=True)
+    ids = torch.randint(3, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+    save_for_hub(model, tmp_path / "hub")
+    assert (tmp_path / "hub" / "int8_experts.py").is_file()
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hub')!r}, trust_remote_code=True).eval()\n"
+        "assert 'modeling_sparse_moe' not in sys.modules and type(model).__module__.startswith('transformers_modules')\n"
+        f"saved = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "with torch.no_grad(): out = model(saved['ids']).logits\n"
+        "torch.testing.assert_close(out, saved['logits'], rtol=1e-5, atol=1e-5)\n"
+        "print(type(model.lm_head).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("Int8Linear")

@@ -126,3 +126,24 @@ def test_nf4_experts_equal_the_4bit_experts_footprint(double_quant):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant
     ))
     assert plan.weights["nf4_experts"] == model.get_memory_footprint()
+
+
+def test_pruned_rows_equal_real_pruned_models():
+    """The rows for pruned configs equal `get_memory_footprint()` of a model pruned with prune_experts (fp32, and
+    int8 after quantize_experts_int8), and the routed experts shrink by exactly kept / num_experts (the rest of the
+    difference is the router's rows)."""
+    from modeling_sparse_moe.compression.pruning import prune_experts
+
+    config = tiny_config(num_experts=8)
+    plan = plan_memory(config, pruned_experts=(6, 4))
+    for kept in (6, 4):
+        torch.manual_seed(0)
+        model = prune_experts(SparseMoEForCausalLM(copy.deepcopy(config)), kept, "random")
+        assert plan.pruned[kept]["fp32"] == model.get_memory_footprint()
+        quantize_experts_int8(model.to(torch.bfloat16))
+        assert plan.pruned[kept]["int8"] == model.get_memory_footprint()
+        routed = plan.parts["bf16"]["routed_experts"]
+        assert plan.pruned_experts_bytes[kept]["bf16"] == routed * kept // 8
+    assert "| nf4, pruned to 4 experts |" in plan.table()
+    with pytest.raises(ValueError, match="pruned_experts: 1 must be from num_experts_per_tok=2"):
+        plan_memory(config, pruned_experts=(1,))

@@ -223,6 +223,9 @@ class MemoryPlan:
     # the same QLoRA run when the 4-bit quantizer misses the experts (bitsandbytes alone: they stay bf16, and
     # prepare_model_for_kbit_training then casts them to fp32 with the other non-4-bit weights)
     qlora_float_experts_total: int | None = None
+    # experts kept per layer (expert pruning, compression/pruning.py) -> layout -> weight bytes
+    pruned: dict[int, dict[str, int]] = field(default_factory=dict)
+    pruned_experts_bytes: dict[int, dict[str, int]] = field(default_factory=dict)  # the experts' share of those
 
     def fits(self, num_bytes: int) -> dict[int, bool]:
         """GPU size (GiB) -> whether `num_bytes` plus the overhead fits."""
@@ -244,6 +247,8 @@ class MemoryPlan:
                 fits={size: q.total <= size * GIB for size in self.gpu_sizes_gib},
                 total_with_float_experts=self.qlora_float_experts_total,
             )
+        if self.pruned:
+            out["pruned_weights_bytes"] = {str(k): dict(v) for k, v in self.pruned.items()}
         return out
 
     def table(self) -> str:
@@ -258,6 +263,12 @@ class MemoryPlan:
             experts = self.parts[layout]["routed_experts"] + self.parts[layout]["shared_experts"]
             lines.append(f"| {layout} | {b / GIB:.2f} | {experts / GIB:.2f} | "
                          + " | ".join("yes" if fits[s] else "no" for s in sizes) + " |")
+        for kept, by_layout in self.pruned.items():
+            for layout, b in by_layout.items():
+                fits = self.fits(b)
+                lines.append(f"| {layout}, pruned to {kept} experts | {b / GIB:.2f} | "
+                             f"{self.pruned_experts_bytes[kept][layout] / GIB:.2f} | "
+                             + " | ".join("yes" if fits[s] else "no" for s in sizes) + " |")
         if self.qlora is not None:
             q = self.qlora
             fits = {s: q.total <= s * GIB for s in sizes}
@@ -330,12 +341,34 @@ def qlora_estimate(model: SparseMoEForCausalLM, nf4_weights: int, rank: int, tar
     )
 
 
+def pruned_config(config: SparseMoEConfig, num_experts: int) -> SparseMoEConfig:
+    """`config` with `num_experts` experts per MoE layer: what `prune_experts(model, num_experts)` leaves."""
+    if not 1 <= num_experts <= config.num_experts or num_experts < config.num_experts_per_tok:
+        raise ValueError(f"pruned_experts: {num_experts} must be from num_experts_per_tok="
+                         f"{config.num_experts_per_tok} to num_experts={config.num_experts}")
+    if config.n_group > 1 and num_experts % config.n_group:
+        raise ValueError(f"pruned_experts: {num_experts} is not divisible by n_group={config.n_group}")
+    pruned = copy.deepcopy(config)
+    pruned.num_experts = num_experts
+    pruned.validate()
+    return pruned
+
+
 def plan_memory(spec: str | PretrainedConfig, *, double_quant: bool = False, rank: int = 16,
                 targets: tuple[str, ...] = ("attention", "experts"), batch_size: int = 1, seq_len: int = 2048,
                 overhead_gib: float = 1.0, upcast: bool = True, gpu_sizes_gib: tuple[int, ...] = tuple(GPU_SIZES),
-                name: str | None = None) -> MemoryPlan:
-    """Weights in every layout of `LAYOUTS` and the QLoRA footprint of the model `spec` names (see module doc)."""
+                name: str | None = None, pruned_experts: tuple[int, ...] = ()) -> MemoryPlan:
+    """Weights in every layout of `LAYOUTS` and the QLoRA footprint of the model `spec` names (see module doc);
+    `pruned_experts` adds weight rows (every layout) for the model pruned to each of those expert counts."""
     config = load_planner_config(spec)
+    pruned, pruned_experts_bytes = {}, {}
+    for kept in pruned_experts:
+        small = pruned_config(config, kept)
+        small_models = {dtype: meta_model(small, dtype) for dtype in (torch.float32, torch.bfloat16)}
+        layouts = {layout: _layout_bytes(small_models[torch.float32 if layout == "fp32" else torch.bfloat16],
+                                         layout, double_quant) for layout in LAYOUTS}
+        pruned[kept] = {layout: sum(p.values()) for layout, p in layouts.items()}
+        pruned_experts_bytes[kept] = {layout: p["routed_experts"] + p["shared_experts"] for layout, p in layouts.items()}
     weights, parts = {}, {}
     models = {dtype: meta_model(config, dtype) for dtype in (torch.float32, torch.bfloat16)}
     for layout in LAYOUTS:
@@ -354,7 +387,7 @@ def plan_memory(spec: str | PretrainedConfig, *, double_quant: bool = False, ran
         name=name or (spec if isinstance(spec, str) else config.model_type), config=config,
         num_parameters=sum(p.numel() for p in models[torch.float32].parameters()), weights=weights, parts=parts,
         qlora=qlora, gpu_sizes_gib=tuple(gpu_sizes_gib), overhead_gib=overhead_gib, notes=notes,
-        qlora_float_experts_total=float_experts_total,
+        qlora_float_experts_total=float_experts_total, pruned=pruned, pruned_experts_bytes=pruned_experts_bytes,
     )
 
 
@@ -370,4 +403,5 @@ __all__ = [
     "module_bytes",
     "nf4_bytes",
     "plan_memory",
+    "pruned_config",
 ]
