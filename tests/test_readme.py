@@ -55,6 +55,8 @@ COVERED = {
     "python scripts/bench_moe.py --quick": ("test", "tests/test_scripts.py::test_bench_moe_reports_every_cell"),
     "python scripts/bench_model.py --quick": ("test", "tests/test_scripts.py::test_bench_model_same_logits_and_breakdown"),
     "python scripts/gpu_check.py --device cpu --quick": ("test", "tests/test_scripts.py::test_gpu_check_cpu_dry_run_passes"),
+    "python scripts/prune.py out/quickstart/pretrain out/pruned6 --num_experts 6 --criterion reap --calibration generic":
+        ("test", "tests/test_pruning.py::test_prune_script_end_to_end"),
     "python scripts/export.py out/quickstart/pretrain out/serve --gguf":
         ("test", "tests/test_export.py::test_readme_serve_commands_work_as_written"),
     "python scripts/export.py out/quickstart/translation out/serve-mt --gguf q8_0":
