@@ -45,6 +45,7 @@ from .configuration_sparse_moe import SparseMoEConfig
 from .moe_primitives import KeepBuffersFp32
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 from .quantization import (
+    adopt_lora_wrapper,
     after_from_pretrained,
     dequantize_model,
     is_quantized_experts,
@@ -450,6 +451,11 @@ class SparseMoEBlock(nn.Module):
             SparseMoEMLP(config, config.shared_expert_intermediate_size) if config.num_shared_experts > 0 else None
         )
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def __setattr__(self, name, value):
+        if name == "experts":  # PEFT installs LoRA here; on 4-bit experts it needs the per-expert path (quantization.py)
+            adopt_lora_wrapper(value)
+        super().__setattr__(name, value)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape

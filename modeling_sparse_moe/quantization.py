@@ -26,15 +26,19 @@ Design (why not bitsandbytes' parametrizations or `Params4bit`):
     modules): a saved folder rebuilds the packed layout before its weights load (`prepare_quantized_layout`).
   - QLoRA: PEFT's `ParamWrapper` (what `target_parameters` creates) adds LoRA by registering a parametrization that
     evaluates `W + B @ A` for the whole (E, O, I) stack on every forward; on 4-bit experts that is a full-size float
-    tensor per forward, the memory QLoRA exists to save. `with_quantized_experts(lora_config)` registers
-    `ParamWrapper4bit` for our experts: the same adapters (same names and shapes, so they load onto a full-precision
-    base and merge there), applied per active expert as x -> x A_e^T B_e^T, next to the dequantized base product.
+    tensor per forward (and torch refuses it: the packed tensor is uint8), the memory QLoRA exists to save. Every
+    door (`get_peft_model`, `PeftModel.from_pretrained`, transformers' `add_adapter` / `load_adapter`) builds PEFT's
+    own `ParamWrapper` with a plain `LoraConfig`: the packed parameters carry their expert shape for PEFT to size the
+    adapters (`mark_logical_shapes`), and the MoE block turns the wrapper PEFT installs into `ParamWrapper4bit`
+    (`adopt_lora_wrapper`): the same adapters (names and shapes, so they load onto a full-precision base and merge
+    there), applied per active expert as x -> x A_e^T B_e^T, next to the dequantized base product.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 
 import torch
@@ -48,6 +52,28 @@ CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, as its Linear4bit layers use; 32 where 64 does not divide the widths
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized scales
+
+
+class _QuietKernelFetch(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    NOTE (bitsandbytes 0.50.2): `import bitsandbytes` on a CPU with AVX512-BF16 tries to fetch a fused GEMV kernel from
+    the Hub (`kernels.get_kernel`) and logs a warning when it cannot (offline, untrusted publisher, `kernels` not
+    installed). That kernel only serves `Linear4bit`'s repacked eval-mode CPU path, which our models switch off
+    (`disable_cpu_weight_repacking`), and the 4-bit experts never call it: the warning says nothing about them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+
+
+def _quiet_bitsandbytes_kernel_fetch() -> None:
+    """Installed when this file is imported, so before bitsandbytes is (it logs at import)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _QuietKernelFetch) for f in logger.filters):
+        logger.addFilter(_QuietKernelFetch())
+
+
+_quiet_bitsandbytes_kernel_fetch()
 
 
 def _bnb():
@@ -158,6 +184,20 @@ def _register_layout(experts: nn.Module, spec: dict, device, tensors: dict[str, 
             else:
                 experts.register_buffer(key, value)
     experts.quant_spec = dict(spec)
+    mark_logical_shapes(experts)
+
+
+def mark_logical_shapes(experts: nn.Module) -> None:
+    """Tell PEFT the (E, O, I) shape of each packed expert parameter.
+
+    NOTE (peft 0.22): `ParamWrapper` (what `target_parameters` creates, through every door: `get_peft_model`,
+    `PeftModel.from_pretrained`, transformers' `add_adapter` / `load_adapter`) sizes its adapters from
+    `getattr(param, "ds_shape", param.shape)`: `ds_shape` is where a parameter whose storage is not its logical shape
+    (DeepSpeed ZeRO-3 partitions) keeps that shape. Packed 4-bit codes are such a parameter, (E, O*I/2) uint8, so the
+    adapters get the shapes and names they have on a full-precision base. A loader that replaces the parameter object
+    drops the attribute: `after_from_pretrained` marks again."""
+    for name, (out_dim, in_dim) in _expert_shapes(experts).items():
+        experts._parameters[name].ds_shape = torch.Size((experts.num_experts, out_dim, in_dim))
 
 
 @torch.no_grad()
@@ -428,6 +468,9 @@ def after_from_pretrained(model: nn.Module) -> nn.Module:
         # NOTE: the checkpoint's experts were loaded in full precision and are packed here, one module at a time
         # (each float stack is freed as it is packed): peak memory holds the full-precision experts once.
         quantize_experts(model, quantization_config)
+    for _, experts in _experts_modules(model):
+        if is_quantized_experts(experts):
+            mark_logical_shapes(experts)
     disable_cpu_weight_repacking(model)
     return model
 
@@ -525,26 +568,38 @@ def _param_wrapper_4bit_class():
     return ParamWrapper4bit
 
 
-def _lora_factory(target, adapter_name, config=None, parameter_name=None, **kwargs):
-    """PEFT custom-module hook: `ParamWrapper4bit` for packed experts, `None` (PEFT's dispatch) for anything else."""
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    if not is_quantized_experts(base):
-        return None
-    if parameter_name is None:
-        raise ValueError(
-            "LoRA on 4-bit SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
-            "'experts.down_proj'] (not target_modules=['experts'])"
-        )
-    return _param_wrapper_4bit_class()(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+def adopt_lora_wrapper(module: nn.Module) -> None:
+    """Called by `SparseMoEBlock.__setattr__` whenever its `experts` is assigned: PEFT installs its LoRA layers with
+    `setattr(parent, name, wrapper)`, through every door. A (possibly nested) PEFT `ParamWrapper` around 4-bit experts
+    becomes `ParamWrapper4bit`: the same object and adapters (PEFT built them from the logical shapes,
+    `mark_logical_shapes`), applied per active expert instead of as a parametrization of the packed uint8 tensor (which
+    torch refuses: "may not change the dtype"). Anything else is left alone."""
+    chain = []
+    while type(module).__name__ == "ParamWrapper" and hasattr(module, "parameter_name"):
+        chain.append(module)
+        module = module.base_layer
+    if not chain or not is_quantized_experts(module):
+        return
+    wrapper_class = _param_wrapper_4bit_class()
+    for wrapper in chain:
+        if isinstance(wrapper, wrapper_class):
+            continue
+        out_dim, in_dim = _expert_shapes(module)[wrapper.parameter_name]
+        if (wrapper.num_experts, wrapper.in_features, wrapper.out_features) != (module.num_experts, in_dim, out_dim):
+            raise ValueError(
+                f"PEFT sized the LoRA adapter of the 4-bit experts' {wrapper.parameter_name} from its packed storage "
+                f"({wrapper.num_experts} x {wrapper.in_features} -> {wrapper.out_features}) instead of the expert shape "
+                f"({module.num_experts} x {in_dim} -> {out_dim}): the experts were re-packed outside this package. "
+                "Call modeling_sparse_moe.quantization.mark_logical_shapes(experts) on each experts module before "
+                "adding the adapter."
+            )
+        wrapper.__class__ = wrapper_class
 
 
 def with_quantized_experts(lora_config):
-    """Register LoRA for 4-bit experts on a `peft.LoraConfig` (returns it): `target_parameters=
-    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Everything else
-    (full-precision experts, linear layers) gets PEFT's own layers, as without this call."""
-    # NOTE: keyed on nn.Module and decided by duck typing (`quant_spec`), not on our class: a model loaded through
-    # Hub remote code has its own copy of SparseMoEExperts, which an isinstance check against this package's would miss.
-    lora_config._register_custom_module({nn.Module: _lora_factory})
+    """Kept for compatibility: returns `lora_config` unchanged. A plain `LoraConfig(target_parameters=
+    ['experts.gate_up_proj', 'experts.down_proj'])` trains adapters on 4-bit experts through PEFT's and transformers'
+    own doors (`adopt_lora_wrapper`)."""
     return lora_config
 
 
@@ -556,8 +611,10 @@ __all__ = [
     "disable_cpu_weight_repacking",
     "expert_bytes",
     "is_quantized_experts",
+    "mark_logical_shapes",
     "quantize_experts",
     "quantize_model",
     "quantized_experts_forward",
+    "adopt_lora_wrapper",
     "with_quantized_experts",
 ]

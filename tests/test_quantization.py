@@ -93,7 +93,7 @@ def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, t
         return
     peft_model = peft.get_peft_model(
         model,
-        with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"])),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"]),
     ).eval()
     before = logits(peft_model)
     # learning rate 0: the two steps leave the adapters as they were, so only the checkpoint saves could move the logits
@@ -254,7 +254,7 @@ LORA_ON_EXPERTS = dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_w
 def _lora_pair(implementation):
     quantized, reference = _routed_models(num_experts=8, capacity_factor=0.5, implementation=implementation)
     torch.manual_seed(2)
-    q_peft = peft.get_peft_model(quantized, with_quantized_experts(peft.LoraConfig(**LORA_ON_EXPERTS)))
+    q_peft = peft.get_peft_model(quantized, peft.LoraConfig(**LORA_ON_EXPERTS))
     r_peft = peft.get_peft_model(reference, peft.LoraConfig(**LORA_ON_EXPERTS))
     peft.set_peft_model_state_dict(r_peft, peft.get_peft_model_state_dict(q_peft))
     return q_peft.train(), r_peft.train()
@@ -328,10 +328,10 @@ def test_only_experts_with_rows_are_dequantized(monkeypatch):
 def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = with_quantized_experts(peft.LoraConfig(
+    config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-    ))
+    )
     model = peft.get_peft_model(model, config)
     packed_before = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -357,8 +357,7 @@ def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
 
     base = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
-    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=with_quantized_experts(
-        peft.LoraConfig.from_pretrained(tmp_path / "adapter")))
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
 
     # Merged into the full-precision copy of the base it trained on (the dequantized 4-bit weights): the same model.
@@ -374,6 +373,54 @@ def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
         assert merged(batch, labels=batch).loss < 0.9 * fp_model(batch, labels=batch).loss
     with pytest.raises(ValueError, match="full precision"):
         model.base_model.model.model.layers[0].mlp.experts.merge()
+
+
+# ------------------------------------------------------------------------------------------ the standard doors
+DOOR_LORA = dict(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                 target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("door", ["get_peft_model", "PeftModel.from_pretrained", "add_adapter", "load_adapter"])
+def test_every_door_puts_full_precision_lora_on_4bit_experts(door, fp_folder, tmp_path):
+    """A plain LoraConfig (no helper) through each door of PEFT and transformers on a 4-bit model: the same logits as
+    the same adapter under PEFT's own ParamWrapper on the full-precision model holding the dequantized weights, the
+    per-expert path (no parametrization of the packed tensor), and adapters saved under the names and shapes a
+    full-precision base gives them."""
+    from modeling_sparse_moe.quantization import _param_wrapper_4bit_class
+
+    fp_adapter = tmp_path / "fp_adapter"
+    torch.manual_seed(5)
+    peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(fp_folder), peft.LoraConfig(**DOOR_LORA)
+    ).save_pretrained(fp_adapter)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    if door == "get_peft_model":
+        model = peft.get_peft_model(model, peft.LoraConfig(**DOOR_LORA))
+    elif door == "PeftModel.from_pretrained":
+        model = peft.PeftModel.from_pretrained(model, fp_adapter)
+    elif door == "add_adapter":
+        model.add_adapter(peft.LoraConfig(**DOOR_LORA))
+    else:
+        model.load_adapter(fp_adapter)
+    wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+    assert len(wrappers) == 4 and all(isinstance(m, _param_wrapper_4bit_class()) for m in wrappers)
+    quantized_logits = logits(model)
+    model.save_pretrained(tmp_path / "door_adapter")  # transformers' save of an adapted model writes the adapter only
+    saved, reference_names = _adapter_tensors(tmp_path / "door_adapter"), _adapter_tensors(fp_adapter)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference_names.items()}
+
+    dequantized = dequantize_model(AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config()))
+    reference = peft.PeftModel.from_pretrained(dequantized, tmp_path / "door_adapter")
+    with reference.disable_adapter():
+        assert (logits(reference) - quantized_logits).abs().max() > 1e-3  # the adapter matters
+    # NOTE: 4-bit path = per-expert dequantize + matmul in fp32; the reference multiplies the same fp32 weights
+    assert_fp32_close(quantized_logits, logits(reference))
 
 
 # ---------------------------------------------------------------------------------------------- save and share
