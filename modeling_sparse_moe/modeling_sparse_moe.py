@@ -49,6 +49,7 @@ from .quantization import (
     after_from_pretrained,
     dequantize_model,
     is_quantized_experts,
+    pack_on_arrival,
     prepare_quantized_layout,
     quantized_experts_forward,
 )
@@ -418,6 +419,11 @@ class SparseMoEExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+
+    def __setattr__(self, name, value):
+        # a 4-bit load of a full-precision checkpoint packs each stack as the loader sets it (quantization.py)
+        if not pack_on_arrival(self, name, value):
+            super().__setattr__(name, value)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -160,29 +160,39 @@ def _expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
     }
 
 
+def _register_projection(experts: nn.Module, spec: dict, name: str, device, tensors: dict | None = None) -> None:
+    """Replace one float expert parameter (`name`) by its packed layout (from `tensors`, or empty for a checkpoint to
+    fill)."""
+    E = experts.num_experts
+    out_dim, in_dim = _expert_shapes(experts)[name]
+    blocks = out_dim * in_dim // spec["blocksize"]
+    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+    shapes = {
+        name: ((E, out_dim * in_dim // 2), torch.uint8),
+        f"{name}_absmax": ((E, blocks), torch.uint8 if spec["double_quant"] else torch.float32),
+        f"{name}_quant_map": ((16,), torch.float32),
+    }
+    if spec["double_quant"]:
+        shapes[f"{name}_nested_absmax"] = ((E, nested_blocks), torch.float32)
+        shapes[f"{name}_nested_offset"] = ((E,), torch.float32)
+        shapes[f"{name}_nested_quant_map"] = ((256,), torch.float32)
+    for key, (shape, dtype) in shapes.items():
+        value = tensors[key] if tensors is not None else torch.empty(shape, dtype=dtype, device=device)
+        if key == name:  # the packed codes keep the parameter's name: PEFT's target_parameters still matches
+            value = nn.Parameter(value, requires_grad=False)
+            # NOTE: replaced in place, never deleted and re-added: PEFT nests its wrappers in parameter order, and
+            # that nesting is in the adapter's key names. The loader sets down_proj before gate_up_proj; re-adding
+            # would flip the order, and the adapters would no longer load onto a full-precision base.
+            experts._parameters[key] = value
+        else:
+            experts.register_buffer(key, value)
+        value._is_hf_initialized = True  # transformers' loader must not re-initialise what is packed on arrival
+
+
 def _register_layout(experts: nn.Module, spec: dict, device, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Replace the float expert parameters by the packed layout (from `tensors`, or empty for a checkpoint to fill)."""
-    E = experts.num_experts
-    for name, (out_dim, in_dim) in _expert_shapes(experts).items():
-        blocks = out_dim * in_dim // spec["blocksize"]
-        nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
-        shapes = {
-            name: ((E, out_dim * in_dim // 2), torch.uint8),
-            f"{name}_absmax": ((E, blocks), torch.uint8 if spec["double_quant"] else torch.float32),
-            f"{name}_quant_map": ((16,), torch.float32),
-        }
-        if spec["double_quant"]:
-            shapes[f"{name}_nested_absmax"] = ((E, nested_blocks), torch.float32)
-            shapes[f"{name}_nested_offset"] = ((E,), torch.float32)
-            shapes[f"{name}_nested_quant_map"] = ((256,), torch.float32)
-        if name in experts._parameters:
-            del experts._parameters[name]
-        for key, (shape, dtype) in shapes.items():
-            value = tensors[key] if tensors is not None else torch.empty(shape, dtype=dtype, device=device)
-            if key == name:  # the packed codes keep the parameter's name: PEFT's target_parameters still matches
-                experts.register_parameter(key, nn.Parameter(value, requires_grad=False))
-            else:
-                experts.register_buffer(key, value)
+    for name in EXPERT_PARAMS:
+        _register_projection(experts, spec, name, device, tensors)
     experts.quant_spec = dict(spec)
     mark_logical_shapes(experts)
 
@@ -201,36 +211,63 @@ def mark_logical_shapes(experts: nn.Module) -> None:
 
 
 @torch.no_grad()
+def _pack_stack(weight_EOI: torch.Tensor, name: str, spec: dict) -> dict[str, torch.Tensor]:
+    """The packed tensors of one (E, O, I) stack, each expert quantized on its own (see the module docstring)."""
+    BF = _bnb_functional()
+    parts: dict[str, list[torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for e in range(weight_EOI.shape[0]):
+        # NOTE: quantized from fp32 whatever the storage dtype: bitsandbytes' CPU kernel takes fp32/bf16/fp16 alike,
+        # and fp32 keeps the block scales exact.
+        packed, state = BF.quantize_4bit(
+            weight_EOI[e].float().contiguous(), blocksize=spec["blocksize"],
+            compress_statistics=spec["double_quant"], quant_type=spec["quant_type"],
+        )
+        parts.setdefault(name, []).append(packed.reshape(-1))
+        parts.setdefault(f"{name}_absmax", []).append(state.absmax.reshape(-1))
+        if spec["double_quant"]:
+            parts.setdefault(f"{name}_nested_absmax", []).append(state.state2.absmax.reshape(-1).float())
+            parts.setdefault(f"{name}_nested_offset", []).append(state.offset.reshape(()).float())
+            tensors[f"{name}_nested_quant_map"] = state.state2.code.float()
+        tensors[f"{name}_quant_map"] = state.code.float()
+    for key, values in parts.items():
+        tensors[key] = torch.stack(values)
+    return {key: value.to(weight_EOI.device) for key, value in tensors.items()}
+
+
+@torch.no_grad()
 def quantize_experts_module(experts: nn.Module, spec: dict) -> None:
     """Quantize one `SparseMoEExperts` in place, expert by expert (see the module docstring for the layout)."""
-    BF = _bnb_functional()
     if is_quantized_experts(experts):
         raise ValueError("these experts are already quantized; load the full-precision checkpoint to quantize anew")
     _check_blocksize(experts, spec["blocksize"])
     tensors: dict[str, torch.Tensor] = {}
-    device = experts.gate_up_proj.device
     for name in EXPERT_PARAMS:
-        weight_EOI = getattr(experts, name).detach()
-        parts: dict[str, list[torch.Tensor]] = {}
-        for e in range(weight_EOI.shape[0]):
-            # NOTE: quantized from fp32 whatever the storage dtype: bitsandbytes' CPU kernel takes fp32/bf16/fp16 alike,
-            # and fp32 keeps the block scales exact.
-            packed, state = BF.quantize_4bit(
-                weight_EOI[e].float().contiguous(), blocksize=spec["blocksize"],
-                compress_statistics=spec["double_quant"], quant_type=spec["quant_type"],
-            )
-            parts.setdefault(name, []).append(packed.reshape(-1))
-            parts.setdefault(f"{name}_absmax", []).append(state.absmax.reshape(-1))
-            if spec["double_quant"]:
-                parts.setdefault(f"{name}_nested_absmax", []).append(state.state2.absmax.reshape(-1).float())
-                parts.setdefault(f"{name}_nested_offset", []).append(state.offset.reshape(()).float())
-                tensors[f"{name}_nested_quant_map"] = state.state2.code.float()
-            tensors[f"{name}_quant_map"] = state.code.float()
-        for key, values in parts.items():
-            tensors[key] = torch.stack(values).to(device)
-    for key in list(tensors):
-        tensors[key] = tensors[key].to(device)
-    _register_layout(experts, spec, device, tensors)
+        tensors.update(_pack_stack(getattr(experts, name).detach(), name, spec))
+    _register_layout(experts, spec, experts.gate_up_proj.device, tensors)
+
+
+PACK_ON_LOAD = "_pack_on_load"  # instance attribute: the spec a loading experts module packs its stacks with
+
+
+def pack_on_arrival(experts: nn.Module, name: str, value) -> bool:
+    """Called by `SparseMoEExperts.__setattr__`: while `from_pretrained` loads a full-precision checkpoint under a 4-bit
+    `BitsAndBytesConfig` (`plan_pack_on_load`), each (E, O, I) expert stack is packed the moment transformers' loader
+    sets it, so the float stack lives only until the next one loads. Returns whether `value` was taken."""
+    spec = experts.__dict__.get(PACK_ON_LOAD)
+    if spec is None or name not in EXPERT_PARAMS or not isinstance(value, torch.Tensor) or value.is_meta:
+        return False
+    out_dim, in_dim = _expert_shapes(experts)[name]
+    if tuple(value.shape) != (experts.num_experts, out_dim, in_dim) or not value.is_floating_point():
+        return False  # not an expert stack: transformers reports the mismatch as for any parameter
+    _register_projection(experts, spec, name, value.device, _pack_stack(value.detach(), name, spec))
+    packed = experts.__dict__.setdefault("_packed_on_load", set())
+    packed.add(name)
+    if packed == set(EXPERT_PARAMS):
+        del experts.__dict__[PACK_ON_LOAD], experts.__dict__["_packed_on_load"]
+        experts.quant_spec = dict(spec)
+        mark_logical_shapes(experts)
+    return True
 
 
 def dequantize_expert(experts: nn.Module, name: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -376,6 +413,18 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
             "this model's experts are already quantized (config.expert_quantization is set); quantize the "
             "full-precision model instead, or dequantize it first (model.dequantize())"
         )
+    spec, targets = _plan_quantization(model, quantization_config, blocksize)
+    for name, experts in targets:
+        quantize_experts_module(experts, spec)
+        spec["modules"].append(name)
+    _record(model, spec)
+    return model
+
+
+def _plan_quantization(model: nn.Module, quantization_config, blocksize: int | None):
+    """The spec and the (name, experts) to pack, every check done before anything changes (no half-quantized model
+    on bad input)."""
+    config = _model_config(model)
     implementation = getattr(config, "_experts_implementation", None)
     if implementation not in (None, "eager", "sparse_moe"):
         raise ValueError(
@@ -388,15 +437,49 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
     if blocksize is None:
         blocksize = default_blocksize(targets[0][1]) if targets else DEFAULT_BLOCKSIZE
     spec = expert_spec(quantization_config, blocksize)
-    for name, experts in targets:  # check every module before changing any: no half-quantized model on bad input
+    for name, experts in targets:
         if is_quantized_experts(experts):
             raise ValueError(f"{name} is already quantized; quantize the full-precision model instead")
         _check_blocksize(experts, blocksize)
-    for name, experts in targets:
-        quantize_experts_module(experts, spec)
-        spec["modules"].append(name)
+    return spec, targets
+
+
+def plan_pack_on_load(model: nn.Module) -> None:
+    """Called when a model is built (`post_init`): when `from_pretrained` is about to load a full-precision
+    checkpoint under a 4-bit `BitsAndBytesConfig` (transformers puts it in `config.quantization_config` and builds
+    the model on the meta device first), each experts module to quantize is told to pack its stacks as they arrive
+    (`pack_on_arrival`). Peak memory then holds one float expert stack at a time, not the whole float model.
+    Anything the plan refuses is left to `after_from_pretrained`, which raises the same error after loading."""
+    config = _model_config(model)
+    quantization_config = getattr(config, "quantization_config", None)
+    if getattr(config, CONFIG_KEY, None) or not is_4bit_config(quantization_config):
+        return
+    try:
+        spec, targets = _plan_quantization(model, quantization_config, None)
+    except ValueError:
+        return
+    for _, experts in targets:
+        if experts.gate_up_proj.is_meta and experts.down_proj.is_meta:  # being loaded, not built by from_config
+            experts.__dict__[PACK_ON_LOAD] = spec
+
+
+def _finish_pack_on_load(model: nn.Module) -> bool:
+    """After loading: pack what the checkpoint did not set through the loader, record the spec. False when nothing
+    was planned (then the experts are quantized after the load, as `quantize_experts` does)."""
+    spec, names = None, []
+    for name, experts in _experts_modules(model):
+        planned = experts.__dict__.get(PACK_ON_LOAD)
+        if planned is not None:
+            for param in [n for n in EXPERT_PARAMS if n not in experts.__dict__.get("_packed_on_load", set())]:
+                pack_on_arrival(experts, param, experts._parameters[param])
+        if is_quantized_experts(experts):
+            spec = spec or dict(experts.quant_spec)
+            names.append(name)
+    if spec is None:
+        return False
+    spec["modules"] = names
     _record(model, spec)
-    return model
+    return True
 
 
 def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
@@ -446,9 +529,11 @@ def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
 
 def prepare_quantized_layout(model: nn.Module) -> None:
     """Called when a model is built (`post_init`): a config that records quantized experts (a saved 4-bit model)
-    gets their packed layout, empty, for the checkpoint to fill."""
+    gets their packed layout, empty, for the checkpoint to fill; a full-precision checkpoint about to load under a
+    4-bit `BitsAndBytesConfig` is packed as it loads (`plan_pack_on_load`)."""
     spec = getattr(_model_config(model), CONFIG_KEY, None)
     if not spec:
+        plan_pack_on_load(model)
         return
     wanted = set(spec.get("modules", []))
     for name, experts in _experts_modules(model):
@@ -457,16 +542,16 @@ def prepare_quantized_layout(model: nn.Module) -> None:
 
 
 def after_from_pretrained(model: nn.Module) -> nn.Module:
-    """Called at the end of `from_pretrained`: under a 4-bit `BitsAndBytesConfig` quantize the experts that the
-    checkpoint held in full precision, and switch off bitsandbytes' lossy CPU repacking (see
-    `disable_cpu_weight_repacking`)."""
+    """Called at the end of `from_pretrained`: under a 4-bit `BitsAndBytesConfig`, finish and record the experts
+    packed while the full-precision checkpoint loaded (`plan_pack_on_load`), and switch off bitsandbytes' lossy CPU
+    repacking (see `disable_cpu_weight_repacking`)."""
     quantizer = getattr(model, "hf_quantizer", None)
     quantization_config = getattr(quantizer, "quantization_config", None)
     if quantizer is None or not is_4bit_config(quantization_config):
         return model
-    if not getattr(model.config, CONFIG_KEY, None):
-        # NOTE: the checkpoint's experts were loaded in full precision and are packed here, one module at a time
-        # (each float stack is freed as it is packed): peak memory holds the full-precision experts once.
+    if not getattr(model.config, CONFIG_KEY, None) and not _finish_pack_on_load(model):
+        # NOTE: only when the stacks could not be packed as they loaded (`plan_pack_on_load` declined): this raises
+        # the clear error for what the plan refused, or packs after the load (peak: the whole float model).
         quantize_experts(model, quantization_config)
     for _, experts in _experts_modules(model):
         if is_quantized_experts(experts):

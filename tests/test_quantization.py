@@ -375,6 +375,42 @@ def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
         model.base_model.model.model.layers[0].mlp.experts.merge()
 
 
+# ---------------------------------------------------------------------------------------------- streaming load
+def test_load_in_4bit_packs_each_stack_as_it_loads(tmp_path, monkeypatch):
+    """A sharded bf16 checkpoint under load_in_4bit: every expert stack is packed when the loader sets it (the
+    after-load pass is switched off here), and the logits and state equal those of quantizing the fully loaded
+    model. (Peak memory: scripts/bench_load_4bit.py.)"""
+    from modeling_sparse_moe import quantization
+
+    torch.manual_seed(0)
+    SparseMoEForCausalLM(small_config(num_hidden_layers=3)).to(torch.bfloat16).save_pretrained(
+        tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    packed_by_loader = []
+    original = quantization.pack_on_arrival
+
+    def watching(experts, name, value):
+        taken = original(experts, name, value)
+        if taken:  # a float stack set by transformers' loader, packed before the next one loads
+            packed_by_loader.append(name)
+        return taken
+
+    monkeypatch.setattr("modeling_sparse_moe.modeling_sparse_moe.pack_on_arrival", watching)  # the loader's setattr
+    monkeypatch.setattr(quantization, "quantize_experts_module", None)  # the after-load pass must not run
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+    monkeypatch.undo()
+    assert sorted(packed_by_loader) == sorted(["gate_up_proj", "down_proj"] * 3)
+    assert len(experts_modules(streamed)) == 3 and all(is_quantized_experts(m) for m in experts_modules(streamed))
+    assert streamed.config.expert_quantization["modules"] == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    # the loader sets down_proj first; the parameter order (PEFT's wrapper nesting, so adapter names) is kept
+    assert [n for n, _ in experts_modules(streamed)[0].named_parameters()] == ["gate_up_proj", "down_proj"]
+    after_full_load = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path), bnb_config())
+    # NOTE: the same packing of the same bf16 values by the same kernels in one process: bitwise equal
+    assert torch.equal(logits(streamed), logits(after_full_load))
+    for key, value in after_full_load.state_dict().items():
+        assert torch.equal(streamed.state_dict()[key], value), key
+
+
 # ------------------------------------------------------------------------------------------ the standard doors
 DOOR_LORA = dict(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
                  target_parameters=["experts.gate_up_proj", "experts.down_proj"])
