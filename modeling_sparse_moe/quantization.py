@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import math
 
 import torch
@@ -54,23 +53,24 @@ DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, as its Linear4bit layers use; 3
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized scales
 
 
-class _QuietKernelFetch(logging.Filter):
+def _drop_kernel_fetch_warning(record) -> bool:
     """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
 
     NOTE (bitsandbytes 0.50.2): `import bitsandbytes` on a CPU with AVX512-BF16 tries to fetch a fused GEMV kernel from
     the Hub (`kernels.get_kernel`) and logs a warning when it cannot (offline, untrusted publisher, `kernels` not
     installed). That kernel only serves `Linear4bit`'s repacked eval-mode CPU path, which our models switch off
     (`disable_cpu_weight_repacking`), and the 4-bit experts never call it: the warning says nothing about them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+    return "gemm_4bit_forward from kernels-community" not in str(record.msg)
 
 
 def _quiet_bitsandbytes_kernel_fetch() -> None:
-    """Installed when this file is imported, so before bitsandbytes is (it logs at import)."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _QuietKernelFetch) for f in logger.filters):
-        logger.addFilter(_QuietKernelFetch())
+    """Installed when this file is imported, so before bitsandbytes is (it logs at import). (transformers' logging
+    helper returns the standard library's logger of that name: this file imports only torch and transformers.)"""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("bitsandbytes.backends.cpu.ops")
+    if _drop_kernel_fetch_warning not in logger.filters:
+        logger.addFilter(_drop_kernel_fetch_warning)
 
 
 _quiet_bitsandbytes_kernel_fetch()
@@ -454,6 +454,10 @@ def plan_pack_on_load(model: nn.Module) -> None:
     quantization_config = getattr(config, "quantization_config", None)
     if getattr(config, CONFIG_KEY, None) or not is_4bit_config(quantization_config):
         return
+    # NOTE: the inner model's post_init runs first and sees names without the head's prefix ("layers.1..."), which
+    # `llm_int8_skip_modules` may not match: every post_init plans again, and the outermost one decides.
+    for _, experts in _experts_modules(model):
+        experts.__dict__.pop(PACK_ON_LOAD, None)
     try:
         spec, targets = _plan_quantization(model, quantization_config, None)
     except ValueError:

@@ -34,7 +34,7 @@ from modeling_sparse_moe.interop.conversion import convert_folder, from_hf
 from modeling_sparse_moe.quantization import quantize_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-mode, folder, out, scratch = sys.argv[1:5]
+mode, folder, out, scratch, shard = sys.argv[1:6]
 KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 def status():
@@ -69,7 +69,7 @@ if mode == "stream":
 elif mode == "after_full_load":
     model = quantize_model(AutoModelForCausalLM.from_pretrained(folder), config)
 elif mode == "mixtral_convert_folder":
-    convert_folder(folder, scratch)
+    convert_folder(folder, scratch, max_shard_size=shard)  # streams tensor by tensor, holds one shard to write
     model = AutoModelForCausalLM.from_pretrained(scratch, quantization_config=config)
 elif mode == "mixtral_from_hf":
     model = quantize_model(from_hf(folder), config)
@@ -115,21 +115,21 @@ def build_checkpoint(args, folder: Path) -> None:
     del model
 
 
-def build_mixtral(folder: Path, mixtral: Path) -> None:
+def build_mixtral(folder: Path, mixtral: Path, max_shard_size: str) -> None:
     from modeling_sparse_moe.interop.conversion import convert_folder
 
-    convert_folder(folder, mixtral, to="mixtral")
+    convert_folder(folder, mixtral, to="mixtral", max_shard_size=max_shard_size)
 
 
 def shard_sizes(folder: Path) -> list[int]:
     return [p.stat().st_size for p in folder.glob("*.safetensors")]
 
 
-def measure(mode: str, folder: Path, work: Path) -> dict:
+def measure(mode: str, folder: Path, work: Path, max_shard_size: str) -> dict:
     out = work / mode
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     subprocess.run(
-        [sys.executable, "-c", MEASURE, mode, str(folder), str(out), str(work / f"{mode}_converted")],
+        [sys.executable, "-c", MEASURE, mode, str(folder), str(out), str(work / f"{mode}_converted"), max_shard_size],
         check=True, env=env, stdout=subprocess.DEVNULL,
     )
     return json.loads(out.with_suffix(".json").read_text())
@@ -164,10 +164,10 @@ def main(argv=None):
                        build_seconds=time.perf_counter() - t0)
         modes = [("stream", folder)] + ([] if args.skip_old else [("after_full_load", folder)])
         if args.mixtral:
-            build_mixtral(folder, work / "mixtral")
+            build_mixtral(folder, work / "mixtral", args.max_shard_size)
             modes += [("mixtral_convert_folder", work / "mixtral"), ("mixtral_from_hf", work / "mixtral")]
         for mode, source in modes:
-            results["runs"][mode] = measure(mode, source, work)
+            results["runs"][mode] = measure(mode, source, work, args.max_shard_size)
         reference = torch.load(work / "stream.pt")
         for mode in results["runs"]:
             other = torch.load(work / f"{mode}.pt")

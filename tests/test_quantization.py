@@ -411,6 +411,25 @@ def test_load_in_4bit_packs_each_stack_as_it_loads(tmp_path, monkeypatch):
         assert torch.equal(streamed.state_dict()[key], value), key
 
 
+def test_load_in_4bit_of_a_4bit_checkpoint_keeps_its_block_size(tmp_path):
+    """A checkpoint already packed with another block size (32, not the default 64) under load_in_4bit: its own
+    layout is kept (nothing is quantized twice); a config.json that misstates the block size is refused by the loader
+    (shapes of the block scales), never loaded as garbage."""
+    torch.manual_seed(0)
+    source = quantize_experts(SparseMoEForCausalLM(small_config()), bnb_config(), blocksize=32)
+    source.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+    assert loaded.config.expert_quantization["blocksize"] == 32
+    for ours, theirs in zip(experts_modules(loaded), experts_modules(source)):
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(dequantize_experts(ours, name), dequantize_experts(theirs, name))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["expert_quantization"]["blocksize"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+
+
 # ------------------------------------------------------------------------------------------ the standard doors
 DOOR_LORA = dict(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
                  target_parameters=["experts.gate_up_proj", "experts.down_proj"])
