@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +248,44 @@ def quantize_experts_module(experts: nn.Module, spec: dict) -> None:
     _register_layout(experts, spec, experts.gate_up_proj.device, tensors)
 
 
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def _release_checkpoint_pages(tensor: torch.Tensor) -> bool:
+    """Drop the resident pages of a packed stack that is a view of the memory-mapped checkpoint. Returns whether it did.
+
+    NOTE (transformers 5.25, Linux): `from_pretrained` maps every shard with safetensors' mmap for the whole load, and a
+    tensor read in the checkpoint's dtype is a view of those pages: the process's resident set grows by the whole
+    checkpoint until the load ends (page cache, reclaimable, but counted in its RSS). Once the stack is packed its
+    pages are not needed: `madvise(MADV_DONTNEED)` on a file mapping drops them (nobody writes to a loading stack, so a
+    later read would fault the same bytes back in from the file). Only whole pages of the stack inside one mapping of a
+    `.safetensors` file (/proc/self/maps) are advised; anything else (a copy in another dtype, another OS, a GPU
+    tensor) is left alone."""
+    if tensor.device.type != "cpu" or not os.path.exists("/proc/self/maps"):
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= start < high:
+                if len(fields) < 6 or not fields[5].strip().endswith(".safetensors") or end > high:
+                    return False
+                break
+        else:
+            return False
+    # NOTE: only whole pages inside the stack: a page shared with a neighbouring tensor of the shard is left alone (in
+    # a private mapping, dropping a page someone wrote to would bring back the file's bytes).
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return False
+    ctypes = importlib.import_module("ctypes")  # stdlib; imported lazily as bitsandbytes is (see the module docstring)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0
+
+
 PACK_ON_LOAD = "_pack_on_load"  # instance attribute: the spec a loading experts module packs its stacks with
 
 
@@ -261,6 +300,7 @@ def pack_on_arrival(experts: nn.Module, name: str, value) -> bool:
     if tuple(value.shape) != (experts.num_experts, out_dim, in_dim) or not value.is_floating_point():
         return False  # not an expert stack: transformers reports the mismatch as for any parameter
     _register_projection(experts, spec, name, value.device, _pack_stack(value.detach(), name, spec))
+    _release_checkpoint_pages(value)
     packed = experts.__dict__.setdefault("_packed_on_load", set())
     packed.add(name)
     if packed == set(EXPERT_PARAMS):
@@ -575,9 +615,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         weights = {name: dequantize_experts(experts, name, target) for name in EXPERT_PARAMS}
         for key in [k for k in list(experts._buffers) if k.startswith(EXPERT_PARAMS)]:
             del experts._buffers[key]
-        for name, value in weights.items():
-            del experts._parameters[name]
-            experts.register_parameter(name, nn.Parameter(value))
+        for name, value in weights.items():  # in place: the parameter order is PEFT's wrapper nesting (see above)
+            experts._parameters[name] = nn.Parameter(value)
         experts.quant_spec = None
     if getattr(model, "hf_quantizer", None) is not None:
         from transformers.integrations.bitsandbytes import dequantize_and_replace

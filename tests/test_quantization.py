@@ -3,6 +3,7 @@ dequantize-then-reference model, QLoRA on the experts, save/reload and Hub folde
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -395,11 +396,16 @@ def test_load_in_4bit_packs_each_stack_as_it_loads(tmp_path, monkeypatch):
             packed_by_loader.append(name)
         return taken
 
+    released = []
+    release = quantization._release_checkpoint_pages
+    monkeypatch.setattr(quantization, "_release_checkpoint_pages", lambda t: released.append(release(t)) or released[-1])
     monkeypatch.setattr("modeling_sparse_moe.modeling_sparse_moe.pack_on_arrival", watching)  # the loader's setattr
     monkeypatch.setattr(quantization, "quantize_experts_module", None)  # the after-load pass must not run
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
     monkeypatch.undo()
     assert sorted(packed_by_loader) == sorted(["gate_up_proj", "down_proj"] * 3)
+    if os.path.exists("/proc/self/maps"):  # Linux: each packed stack's mapped checkpoint pages were dropped
+        assert released == [True] * 6
     assert len(experts_modules(streamed)) == 3 and all(is_quantized_experts(m) for m in experts_modules(streamed))
     assert streamed.config.expert_quantization["modules"] == [f"model.layers.{i}.mlp.experts" for i in range(3)]
     # the loader sets down_proj first; the parameter order (PEFT's wrapper nesting, so adapter names) is kept
