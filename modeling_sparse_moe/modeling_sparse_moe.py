@@ -763,7 +763,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         # NOTE: bitsandbytes' quantizer replaces nn.Linear layers only; with a 4-bit BitsAndBytesConfig the 3D experts
-        # are packed here, after loading (quantization.py).
+        # are packed as they load (SparseMoEExperts.__setattr__) and recorded here (quantization.py).
         loaded = super().from_pretrained(*args, **kwargs)
         after_from_pretrained(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded

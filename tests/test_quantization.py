@@ -595,3 +595,22 @@ def test_bench_quant_quick_reports_every_section(tmp_path):
     assert set(report["variants"]) == {"fp32", "nf4"}
     assert report["variants"]["nf4"]["footprint_bytes"] < 0.6 * report["variants"]["fp32"]["footprint_bytes"]
     assert all(len(curve) == 6 for curve in report["qlora"]["loss_curves"].values())
+
+
+@pytest.mark.slow
+def test_bench_load_4bit_smoke_streams_with_the_same_logits(tmp_path):
+    """scripts/bench_load_4bit.py --smoke: both loads run in fresh processes and give the same logits (the memory
+    figures are the script's business: at smoke size the interpreter's own allocations dominate them)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_load_4bit.py"
+    out = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--output", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"stream", "after_full_load"} and report["shards"] > 1
+    assert report["runs"]["after_full_load"]["max_abs_logit_diff_vs_stream"] == 0
+    assert report["runs"]["stream"]["footprint_bytes"] == report["runs"]["after_full_load"]["footprint_bytes"]
