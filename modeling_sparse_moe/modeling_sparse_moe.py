@@ -46,9 +46,11 @@ from .moe_primitives import KeepBuffersFp32
 from .int8_experts import prepare_int8_layout
 from .moe_dispatch import SPARSE_MOE_EXPERTS  # importing registers the "sparse_moe" experts implementation
 from .quantization import (
+    adopt_lora_wrapper,
     after_from_pretrained,
     dequantize_model,
     is_quantized_experts,
+    pack_on_arrival,
     prepare_quantized_layout,
     quantized_experts_forward,
 )
@@ -430,6 +432,11 @@ class SparseMoEExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def __setattr__(self, name, value):
+        # a 4-bit load of a full-precision checkpoint packs each stack as the loader sets it (quantization.py)
+        if not pack_on_arrival(self, name, value):
+            super().__setattr__(name, value)
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -462,6 +469,11 @@ class SparseMoEBlock(nn.Module):
             SparseMoEMLP(config, config.shared_expert_intermediate_size) if config.num_shared_experts > 0 else None
         )
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def __setattr__(self, name, value):
+        if name == "experts":  # PEFT installs LoRA here; on 4-bit experts it needs the per-expert path (quantization.py)
+            adopt_lora_wrapper(value)
+        super().__setattr__(name, value)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
@@ -776,7 +788,7 @@ class SparseMoEPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         # NOTE: bitsandbytes' quantizer replaces nn.Linear layers only; with a 4-bit BitsAndBytesConfig the 3D experts
-        # are packed here, after loading (quantization.py).
+        # are packed as they load (SparseMoEExperts.__setattr__) and recorded here (quantization.py).
         loaded = super().from_pretrained(*args, **kwargs)
         after_from_pretrained(loaded[0] if isinstance(loaded, tuple) else loaded)
         return loaded

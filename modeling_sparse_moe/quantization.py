@@ -26,9 +26,12 @@ Design (why not bitsandbytes' parametrizations or `Params4bit`):
     modules): a saved folder rebuilds the packed layout before its weights load (`prepare_quantized_layout`).
   - QLoRA: PEFT's `ParamWrapper` (what `target_parameters` creates) adds LoRA by registering a parametrization that
     evaluates `W + B @ A` for the whole (E, O, I) stack on every forward; on 4-bit experts that is a full-size float
-    tensor per forward, the memory QLoRA exists to save. `with_quantized_experts(lora_config)` registers
-    `ParamWrapper4bit` for our experts: the same adapters (same names and shapes, so they load onto a full-precision
-    base and merge there), applied per active expert as x -> x A_e^T B_e^T, next to the dequantized base product.
+    tensor per forward (and torch refuses it: the packed tensor is uint8), the memory QLoRA exists to save. Every
+    door (`get_peft_model`, `PeftModel.from_pretrained`, transformers' `add_adapter` / `load_adapter`) builds PEFT's
+    own `ParamWrapper` with a plain `LoraConfig`: the packed parameters carry their expert shape for PEFT to size the
+    adapters (`mark_logical_shapes`), and the MoE block turns the wrapper PEFT installs into `ParamWrapper4bit`
+    (`adopt_lora_wrapper`): the same adapters (names and shapes, so they load onto a full-precision base and merge
+    there), applied per active expert as x -> x A_e^T B_e^T, next to the dequantized base product.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,29 @@ CONFIG_KEY = "expert_quantization"  # attribute of SparseMoEConfig written when 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' default, as its Linear4bit layers use; 32 where 64 does not divide the widths
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized scales
+
+
+def _drop_kernel_fetch_warning(record) -> bool:
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    NOTE (bitsandbytes 0.50.2): `import bitsandbytes` on a CPU with AVX512-BF16 tries to fetch a fused GEMV kernel from
+    the Hub (`kernels.get_kernel`) and logs a warning when it cannot (offline, untrusted publisher, `kernels` not
+    installed). That kernel only serves `Linear4bit`'s repacked eval-mode CPU path, which our models switch off
+    (`disable_cpu_weight_repacking`), and the 4-bit experts never call it: the warning says nothing about them."""
+    return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+
+
+def _quiet_bitsandbytes_kernel_fetch() -> None:
+    """Installed when this file is imported, so before bitsandbytes is (it logs at import). (transformers' logging
+    helper returns the standard library's logger of that name: this file imports only torch and transformers.)"""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("bitsandbytes.backends.cpu.ops")
+    if _drop_kernel_fetch_warning not in logger.filters:
+        logger.addFilter(_drop_kernel_fetch_warning)
+
+
+_quiet_bitsandbytes_kernel_fetch()
 
 
 def _bnb():
@@ -134,63 +161,153 @@ def _expert_shapes(experts: nn.Module) -> dict[str, tuple[int, int]]:
     }
 
 
+def _register_projection(experts: nn.Module, spec: dict, name: str, device, tensors: dict | None = None) -> None:
+    """Replace one float expert parameter (`name`) by its packed layout (from `tensors`, or empty for a checkpoint to
+    fill)."""
+    E = experts.num_experts
+    out_dim, in_dim = _expert_shapes(experts)[name]
+    blocks = out_dim * in_dim // spec["blocksize"]
+    nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+    shapes = {
+        name: ((E, out_dim * in_dim // 2), torch.uint8),
+        f"{name}_absmax": ((E, blocks), torch.uint8 if spec["double_quant"] else torch.float32),
+        f"{name}_quant_map": ((16,), torch.float32),
+    }
+    if spec["double_quant"]:
+        shapes[f"{name}_nested_absmax"] = ((E, nested_blocks), torch.float32)
+        shapes[f"{name}_nested_offset"] = ((E,), torch.float32)
+        shapes[f"{name}_nested_quant_map"] = ((256,), torch.float32)
+    for key, (shape, dtype) in shapes.items():
+        value = tensors[key] if tensors is not None else torch.empty(shape, dtype=dtype, device=device)
+        if key == name:  # the packed codes keep the parameter's name: PEFT's target_parameters still matches
+            value = nn.Parameter(value, requires_grad=False)
+            # NOTE: replaced in place, never deleted and re-added: PEFT nests its wrappers in parameter order, and
+            # that nesting is in the adapter's key names. The loader sets down_proj before gate_up_proj; re-adding
+            # would flip the order, and the adapters would no longer load onto a full-precision base.
+            experts._parameters[key] = value
+        else:
+            experts.register_buffer(key, value)
+        value._is_hf_initialized = True  # transformers' loader must not re-initialise what is packed on arrival
+
+
 def _register_layout(experts: nn.Module, spec: dict, device, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Replace the float expert parameters by the packed layout (from `tensors`, or empty for a checkpoint to fill)."""
-    E = experts.num_experts
-    for name, (out_dim, in_dim) in _expert_shapes(experts).items():
-        blocks = out_dim * in_dim // spec["blocksize"]
-        nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
-        shapes = {
-            name: ((E, out_dim * in_dim // 2), torch.uint8),
-            f"{name}_absmax": ((E, blocks), torch.uint8 if spec["double_quant"] else torch.float32),
-            f"{name}_quant_map": ((16,), torch.float32),
-        }
-        if spec["double_quant"]:
-            shapes[f"{name}_nested_absmax"] = ((E, nested_blocks), torch.float32)
-            shapes[f"{name}_nested_offset"] = ((E,), torch.float32)
-            shapes[f"{name}_nested_quant_map"] = ((256,), torch.float32)
-        if name in experts._parameters:
-            del experts._parameters[name]
-        for key, (shape, dtype) in shapes.items():
-            value = tensors[key] if tensors is not None else torch.empty(shape, dtype=dtype, device=device)
-            if key == name:  # the packed codes keep the parameter's name: PEFT's target_parameters still matches
-                experts.register_parameter(key, nn.Parameter(value, requires_grad=False))
-            else:
-                experts.register_buffer(key, value)
+    for name in EXPERT_PARAMS:
+        _register_projection(experts, spec, name, device, tensors)
     experts.quant_spec = dict(spec)
+    mark_logical_shapes(experts)
+
+
+def mark_logical_shapes(experts: nn.Module) -> None:
+    """Tell PEFT the (E, O, I) shape of each packed expert parameter.
+
+    NOTE (peft 0.22): `ParamWrapper` (what `target_parameters` creates, through every door: `get_peft_model`,
+    `PeftModel.from_pretrained`, transformers' `add_adapter` / `load_adapter`) sizes its adapters from
+    `getattr(param, "ds_shape", param.shape)`: `ds_shape` is where a parameter whose storage is not its logical shape
+    (DeepSpeed ZeRO-3 partitions) keeps that shape. Packed 4-bit codes are such a parameter, (E, O*I/2) uint8, so the
+    adapters get the shapes and names they have on a full-precision base. A loader that replaces the parameter object
+    drops the attribute: `after_from_pretrained` marks again."""
+    for name, (out_dim, in_dim) in _expert_shapes(experts).items():
+        experts._parameters[name].ds_shape = torch.Size((experts.num_experts, out_dim, in_dim))
+
+
+@torch.no_grad()
+def _pack_stack(weight_EOI: torch.Tensor, name: str, spec: dict) -> dict[str, torch.Tensor]:
+    """The packed tensors of one (E, O, I) stack, each expert quantized on its own (see the module docstring)."""
+    BF = _bnb_functional()
+    parts: dict[str, list[torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for e in range(weight_EOI.shape[0]):
+        # NOTE: quantized from fp32 whatever the storage dtype: bitsandbytes' CPU kernel takes fp32/bf16/fp16 alike,
+        # and fp32 keeps the block scales exact.
+        packed, state = BF.quantize_4bit(
+            weight_EOI[e].float().contiguous(), blocksize=spec["blocksize"],
+            compress_statistics=spec["double_quant"], quant_type=spec["quant_type"],
+        )
+        parts.setdefault(name, []).append(packed.reshape(-1))
+        parts.setdefault(f"{name}_absmax", []).append(state.absmax.reshape(-1))
+        if spec["double_quant"]:
+            parts.setdefault(f"{name}_nested_absmax", []).append(state.state2.absmax.reshape(-1).float())
+            parts.setdefault(f"{name}_nested_offset", []).append(state.offset.reshape(()).float())
+            tensors[f"{name}_nested_quant_map"] = state.state2.code.float()
+        tensors[f"{name}_quant_map"] = state.code.float()
+    for key, values in parts.items():
+        tensors[key] = torch.stack(values)
+    return {key: value.to(weight_EOI.device) for key, value in tensors.items()}
 
 
 @torch.no_grad()
 def quantize_experts_module(experts: nn.Module, spec: dict) -> None:
     """Quantize one `SparseMoEExperts` in place, expert by expert (see the module docstring for the layout)."""
-    BF = _bnb_functional()
     if is_quantized_experts(experts):
         raise ValueError("these experts are already quantized; load the full-precision checkpoint to quantize anew")
     _check_blocksize(experts, spec["blocksize"])
     tensors: dict[str, torch.Tensor] = {}
-    device = experts.gate_up_proj.device
     for name in EXPERT_PARAMS:
-        weight_EOI = getattr(experts, name).detach()
-        parts: dict[str, list[torch.Tensor]] = {}
-        for e in range(weight_EOI.shape[0]):
-            # NOTE: quantized from fp32 whatever the storage dtype: bitsandbytes' CPU kernel takes fp32/bf16/fp16 alike,
-            # and fp32 keeps the block scales exact.
-            packed, state = BF.quantize_4bit(
-                weight_EOI[e].float().contiguous(), blocksize=spec["blocksize"],
-                compress_statistics=spec["double_quant"], quant_type=spec["quant_type"],
-            )
-            parts.setdefault(name, []).append(packed.reshape(-1))
-            parts.setdefault(f"{name}_absmax", []).append(state.absmax.reshape(-1))
-            if spec["double_quant"]:
-                parts.setdefault(f"{name}_nested_absmax", []).append(state.state2.absmax.reshape(-1).float())
-                parts.setdefault(f"{name}_nested_offset", []).append(state.offset.reshape(()).float())
-                tensors[f"{name}_nested_quant_map"] = state.state2.code.float()
-            tensors[f"{name}_quant_map"] = state.code.float()
-        for key, values in parts.items():
-            tensors[key] = torch.stack(values).to(device)
-    for key in list(tensors):
-        tensors[key] = tensors[key].to(device)
-    _register_layout(experts, spec, device, tensors)
+        tensors.update(_pack_stack(getattr(experts, name).detach(), name, spec))
+    _register_layout(experts, spec, experts.gate_up_proj.device, tensors)
+
+
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+def _release_checkpoint_pages(tensor: torch.Tensor) -> bool:
+    """Drop the resident pages of a packed stack that is a view of the memory-mapped checkpoint. Returns whether it did.
+
+    NOTE (transformers 5.25, Linux): `from_pretrained` maps every shard with safetensors' mmap for the whole load, and a
+    tensor read in the checkpoint's dtype is a view of those pages: the process's resident set grows by the whole
+    checkpoint until the load ends (page cache, reclaimable, but counted in its RSS). Once the stack is packed its
+    pages are not needed: `madvise(MADV_DONTNEED)` on a file mapping drops them (nobody writes to a loading stack, so a
+    later read would fault the same bytes back in from the file). Only whole pages of the stack inside one mapping of a
+    `.safetensors` file (/proc/self/maps) are advised; anything else (a copy in another dtype, another OS, a GPU
+    tensor) is left alone."""
+    if tensor.device.type != "cpu" or not os.path.exists("/proc/self/maps"):
+        return False
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= start < high:
+                if len(fields) < 6 or not fields[5].strip().endswith(".safetensors") or end > high:
+                    return False
+                break
+        else:
+            return False
+    # NOTE: only whole pages inside the stack: a page shared with a neighbouring tensor of the shard is left alone (in
+    # a private mapping, dropping a page someone wrote to would bring back the file's bytes).
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return False
+    ctypes = importlib.import_module("ctypes")  # stdlib; imported lazily as bitsandbytes is (see the module docstring)
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0
+
+
+PACK_ON_LOAD = "_pack_on_load"  # instance attribute: the spec a loading experts module packs its stacks with
+
+
+def pack_on_arrival(experts: nn.Module, name: str, value) -> bool:
+    """Called by `SparseMoEExperts.__setattr__`: while `from_pretrained` loads a full-precision checkpoint under a 4-bit
+    `BitsAndBytesConfig` (`plan_pack_on_load`), each (E, O, I) expert stack is packed the moment transformers' loader
+    sets it, so the float stack lives only until the next one loads. Returns whether `value` was taken."""
+    spec = experts.__dict__.get(PACK_ON_LOAD)
+    if spec is None or name not in EXPERT_PARAMS or not isinstance(value, torch.Tensor) or value.is_meta:
+        return False
+    out_dim, in_dim = _expert_shapes(experts)[name]
+    if tuple(value.shape) != (experts.num_experts, out_dim, in_dim) or not value.is_floating_point():
+        return False  # not an expert stack: transformers reports the mismatch as for any parameter
+    _register_projection(experts, spec, name, value.device, _pack_stack(value.detach(), name, spec))
+    _release_checkpoint_pages(value)
+    packed = experts.__dict__.setdefault("_packed_on_load", set())
+    packed.add(name)
+    if packed == set(EXPERT_PARAMS):
+        del experts.__dict__[PACK_ON_LOAD], experts.__dict__["_packed_on_load"]
+        experts.quant_spec = dict(spec)
+        mark_logical_shapes(experts)
+    return True
 
 
 def dequantize_expert(experts: nn.Module, name: str, expert: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -336,6 +453,18 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
             "this model's experts are already quantized (config.expert_quantization is set); quantize the "
             "full-precision model instead, or dequantize it first (model.dequantize())"
         )
+    spec, targets = _plan_quantization(model, quantization_config, blocksize)
+    for name, experts in targets:
+        quantize_experts_module(experts, spec)
+        spec["modules"].append(name)
+    _record(model, spec)
+    return model
+
+
+def _plan_quantization(model: nn.Module, quantization_config, blocksize: int | None):
+    """The spec and the (name, experts) to pack, every check done before anything changes (no half-quantized model
+    on bad input)."""
+    config = _model_config(model)
     implementation = getattr(config, "_experts_implementation", None)
     if implementation not in (None, "eager", "sparse_moe"):
         raise ValueError(
@@ -348,15 +477,53 @@ def quantize_experts(model: nn.Module, quantization_config, blocksize: int | Non
     if blocksize is None:
         blocksize = default_blocksize(targets[0][1]) if targets else DEFAULT_BLOCKSIZE
     spec = expert_spec(quantization_config, blocksize)
-    for name, experts in targets:  # check every module before changing any: no half-quantized model on bad input
+    for name, experts in targets:
         if is_quantized_experts(experts):
             raise ValueError(f"{name} is already quantized; quantize the full-precision model instead")
         _check_blocksize(experts, blocksize)
-    for name, experts in targets:
-        quantize_experts_module(experts, spec)
-        spec["modules"].append(name)
+    return spec, targets
+
+
+def plan_pack_on_load(model: nn.Module) -> None:
+    """Called when a model is built (`post_init`): when `from_pretrained` is about to load a full-precision
+    checkpoint under a 4-bit `BitsAndBytesConfig` (transformers puts it in `config.quantization_config` and builds
+    the model on the meta device first), each experts module to quantize is told to pack its stacks as they arrive
+    (`pack_on_arrival`). Peak memory then holds one float expert stack at a time, not the whole float model.
+    Anything the plan refuses is left to `after_from_pretrained`, which raises the same error after loading."""
+    config = _model_config(model)
+    quantization_config = getattr(config, "quantization_config", None)
+    if getattr(config, CONFIG_KEY, None) or not is_4bit_config(quantization_config):
+        return
+    # NOTE: the inner model's post_init runs first and sees names without the head's prefix ("layers.1..."), which
+    # `llm_int8_skip_modules` may not match: every post_init plans again, and the outermost one decides.
+    for _, experts in _experts_modules(model):
+        experts.__dict__.pop(PACK_ON_LOAD, None)
+    try:
+        spec, targets = _plan_quantization(model, quantization_config, None)
+    except ValueError:
+        return
+    for _, experts in targets:
+        if experts.gate_up_proj.is_meta and experts.down_proj.is_meta:  # being loaded, not built by from_config
+            experts.__dict__[PACK_ON_LOAD] = spec
+
+
+def _finish_pack_on_load(model: nn.Module) -> bool:
+    """After loading: pack what the checkpoint did not set through the loader, record the spec. False when nothing
+    was planned (then the experts are quantized after the load, as `quantize_experts` does)."""
+    spec, names = None, []
+    for name, experts in _experts_modules(model):
+        planned = experts.__dict__.get(PACK_ON_LOAD)
+        if planned is not None:
+            for param in [n for n in EXPERT_PARAMS if n not in experts.__dict__.get("_packed_on_load", set())]:
+                pack_on_arrival(experts, param, experts._parameters[param])
+        if is_quantized_experts(experts):
+            spec = spec or dict(experts.quant_spec)
+            names.append(name)
+    if spec is None:
+        return False
+    spec["modules"] = names
     _record(model, spec)
-    return model
+    return True
 
 
 def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
@@ -406,9 +573,11 @@ def quantize_model(model: nn.Module, quantization_config) -> nn.Module:
 
 def prepare_quantized_layout(model: nn.Module) -> None:
     """Called when a model is built (`post_init`): a config that records quantized experts (a saved 4-bit model)
-    gets their packed layout, empty, for the checkpoint to fill."""
+    gets their packed layout, empty, for the checkpoint to fill; a full-precision checkpoint about to load under a
+    4-bit `BitsAndBytesConfig` is packed as it loads (`plan_pack_on_load`)."""
     spec = getattr(_model_config(model), CONFIG_KEY, None)
     if not spec:
+        plan_pack_on_load(model)
         return
     wanted = set(spec.get("modules", []))
     for name, experts in _experts_modules(model):
@@ -417,17 +586,20 @@ def prepare_quantized_layout(model: nn.Module) -> None:
 
 
 def after_from_pretrained(model: nn.Module) -> nn.Module:
-    """Called at the end of `from_pretrained`: under a 4-bit `BitsAndBytesConfig` quantize the experts that the
-    checkpoint held in full precision, and switch off bitsandbytes' lossy CPU repacking (see
-    `disable_cpu_weight_repacking`)."""
+    """Called at the end of `from_pretrained`: under a 4-bit `BitsAndBytesConfig`, finish and record the experts
+    packed while the full-precision checkpoint loaded (`plan_pack_on_load`), and switch off bitsandbytes' lossy CPU
+    repacking (see `disable_cpu_weight_repacking`)."""
     quantizer = getattr(model, "hf_quantizer", None)
     quantization_config = getattr(quantizer, "quantization_config", None)
     if quantizer is None or not is_4bit_config(quantization_config):
         return model
-    if not getattr(model.config, CONFIG_KEY, None):
-        # NOTE: the checkpoint's experts were loaded in full precision and are packed here, one module at a time
-        # (each float stack is freed as it is packed): peak memory holds the full-precision experts once.
+    if not getattr(model.config, CONFIG_KEY, None) and not _finish_pack_on_load(model):
+        # NOTE: only when the stacks could not be packed as they loaded (`plan_pack_on_load` declined): this raises
+        # the clear error for what the plan refused, or packs after the load (peak: the whole float model).
         quantize_experts(model, quantization_config)
+    for _, experts in _experts_modules(model):
+        if is_quantized_experts(experts):
+            mark_logical_shapes(experts)
     disable_cpu_weight_repacking(model)
     return model
 
@@ -443,9 +615,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         weights = {name: dequantize_experts(experts, name, target) for name in EXPERT_PARAMS}
         for key in [k for k in list(experts._buffers) if k.startswith(EXPERT_PARAMS)]:
             del experts._buffers[key]
-        for name, value in weights.items():
-            del experts._parameters[name]
-            experts.register_parameter(name, nn.Parameter(value))
+        for name, value in weights.items():  # in place: the parameter order is PEFT's wrapper nesting (see above)
+            experts._parameters[name] = nn.Parameter(value)
         experts.quant_spec = None
     if getattr(model, "hf_quantizer", None) is not None:
         from transformers.integrations.bitsandbytes import dequantize_and_replace
@@ -525,26 +696,38 @@ def _param_wrapper_4bit_class():
     return ParamWrapper4bit
 
 
-def _lora_factory(target, adapter_name, config=None, parameter_name=None, **kwargs):
-    """PEFT custom-module hook: `ParamWrapper4bit` for packed experts, `None` (PEFT's dispatch) for anything else."""
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-    if not is_quantized_experts(base):
-        return None
-    if parameter_name is None:
-        raise ValueError(
-            "LoRA on 4-bit SparseMoE experts targets their parameters: target_parameters=['experts.gate_up_proj', "
-            "'experts.down_proj'] (not target_modules=['experts'])"
-        )
-    return _param_wrapper_4bit_class()(target, adapter_name, config=config, parameter_name=parameter_name, **kwargs)
+def adopt_lora_wrapper(module: nn.Module) -> None:
+    """Called by `SparseMoEBlock.__setattr__` whenever its `experts` is assigned: PEFT installs its LoRA layers with
+    `setattr(parent, name, wrapper)`, through every door. A (possibly nested) PEFT `ParamWrapper` around 4-bit experts
+    becomes `ParamWrapper4bit`: the same object and adapters (PEFT built them from the logical shapes,
+    `mark_logical_shapes`), applied per active expert instead of as a parametrization of the packed uint8 tensor (which
+    torch refuses: "may not change the dtype"). Anything else is left alone."""
+    chain = []
+    while type(module).__name__ == "ParamWrapper" and hasattr(module, "parameter_name"):
+        chain.append(module)
+        module = module.base_layer
+    if not chain or not is_quantized_experts(module):
+        return
+    wrapper_class = _param_wrapper_4bit_class()
+    for wrapper in chain:
+        if isinstance(wrapper, wrapper_class):
+            continue
+        out_dim, in_dim = _expert_shapes(module)[wrapper.parameter_name]
+        if (wrapper.num_experts, wrapper.in_features, wrapper.out_features) != (module.num_experts, in_dim, out_dim):
+            raise ValueError(
+                f"PEFT sized the LoRA adapter of the 4-bit experts' {wrapper.parameter_name} from its packed storage "
+                f"({wrapper.num_experts} x {wrapper.in_features} -> {wrapper.out_features}) instead of the expert shape "
+                f"({module.num_experts} x {in_dim} -> {out_dim}): the experts were re-packed outside this package. "
+                "Call modeling_sparse_moe.quantization.mark_logical_shapes(experts) on each experts module before "
+                "adding the adapter."
+            )
+        wrapper.__class__ = wrapper_class
 
 
 def with_quantized_experts(lora_config):
-    """Register LoRA for 4-bit experts on a `peft.LoraConfig` (returns it): `target_parameters=
-    ['experts.gate_up_proj', 'experts.down_proj']` then trains adapters on frozen 4-bit experts. Everything else
-    (full-precision experts, linear layers) gets PEFT's own layers, as without this call."""
-    # NOTE: keyed on nn.Module and decided by duck typing (`quant_spec`), not on our class: a model loaded through
-    # Hub remote code has its own copy of SparseMoEExperts, which an isinstance check against this package's would miss.
-    lora_config._register_custom_module({nn.Module: _lora_factory})
+    """Kept for compatibility: returns `lora_config` unchanged. A plain `LoraConfig(target_parameters=
+    ['experts.gate_up_proj', 'experts.down_proj'])` trains adapters on 4-bit experts through PEFT's and transformers'
+    own doors (`adopt_lora_wrapper`)."""
     return lora_config
 
 
@@ -556,8 +739,10 @@ __all__ = [
     "disable_cpu_weight_repacking",
     "expert_bytes",
     "is_quantized_experts",
+    "mark_logical_shapes",
     "quantize_experts",
     "quantize_model",
     "quantized_experts_forward",
+    "adopt_lora_wrapper",
     "with_quantized_experts",
 ]

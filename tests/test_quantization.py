@@ -3,6 +3,7 @@ dequantize-then-reference model, QLoRA on the experts, save/reload and Hub folde
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_logits_unchanged_by_state_dict_save_and_trainer_checkpoint(fp_folder, t
         return
     peft_model = peft.get_peft_model(
         model,
-        with_quantized_experts(peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"])),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["experts.down_proj"]),
     ).eval()
     before = logits(peft_model)
     # learning rate 0: the two steps leave the adapters as they were, so only the checkpoint saves could move the logits
@@ -254,7 +255,7 @@ LORA_ON_EXPERTS = dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_w
 def _lora_pair(implementation):
     quantized, reference = _routed_models(num_experts=8, capacity_factor=0.5, implementation=implementation)
     torch.manual_seed(2)
-    q_peft = peft.get_peft_model(quantized, with_quantized_experts(peft.LoraConfig(**LORA_ON_EXPERTS)))
+    q_peft = peft.get_peft_model(quantized, peft.LoraConfig(**LORA_ON_EXPERTS))
     r_peft = peft.get_peft_model(reference, peft.LoraConfig(**LORA_ON_EXPERTS))
     peft.set_peft_model_state_dict(r_peft, peft.get_peft_model_state_dict(q_peft))
     return q_peft.train(), r_peft.train()
@@ -328,10 +329,10 @@ def test_only_experts_with_rows_are_dequantized(monkeypatch):
 def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = with_quantized_experts(peft.LoraConfig(
+    config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         target_parameters=["experts.gate_up_proj", "experts.down_proj"],
-    ))
+    )
     model = peft.get_peft_model(model, config)
     packed_before = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -357,8 +358,7 @@ def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
 
     base = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
-    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=with_quantized_experts(
-        peft.LoraConfig.from_pretrained(tmp_path / "adapter")))
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits(reloaded), trained, rtol=0, atol=0)
 
     # Merged into the full-precision copy of the base it trained on (the dequantized 4-bit weights): the same model.
@@ -374,6 +374,114 @@ def test_qlora_trains_saves_reloads_and_merges(fp_folder, fp_model, tmp_path):
         assert merged(batch, labels=batch).loss < 0.9 * fp_model(batch, labels=batch).loss
     with pytest.raises(ValueError, match="full precision"):
         model.base_model.model.model.layers[0].mlp.experts.merge()
+
+
+# ---------------------------------------------------------------------------------------------- streaming load
+def test_load_in_4bit_packs_each_stack_as_it_loads(tmp_path, monkeypatch):
+    """A sharded bf16 checkpoint under load_in_4bit: every expert stack is packed when the loader sets it (the
+    after-load pass is switched off here), and the logits and state equal those of quantizing the fully loaded
+    model. (Peak memory: scripts/bench_load_4bit.py.)"""
+    from modeling_sparse_moe import quantization
+
+    torch.manual_seed(0)
+    SparseMoEForCausalLM(small_config(num_hidden_layers=3)).to(torch.bfloat16).save_pretrained(
+        tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 3
+    packed_by_loader = []
+    original = quantization.pack_on_arrival
+
+    def watching(experts, name, value):
+        taken = original(experts, name, value)
+        if taken:  # a float stack set by transformers' loader, packed before the next one loads
+            packed_by_loader.append(name)
+        return taken
+
+    released = []
+    release = quantization._release_checkpoint_pages
+    monkeypatch.setattr(quantization, "_release_checkpoint_pages", lambda t: released.append(release(t)) or released[-1])
+    monkeypatch.setattr("modeling_sparse_moe.modeling_sparse_moe.pack_on_arrival", watching)  # the loader's setattr
+    monkeypatch.setattr(quantization, "quantize_experts_module", None)  # the after-load pass must not run
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+    monkeypatch.undo()
+    assert sorted(packed_by_loader) == sorted(["gate_up_proj", "down_proj"] * 3)
+    if os.path.exists("/proc/self/maps"):  # Linux: each packed stack's mapped checkpoint pages were dropped
+        assert released == [True] * 6
+    assert len(experts_modules(streamed)) == 3 and all(is_quantized_experts(m) for m in experts_modules(streamed))
+    assert streamed.config.expert_quantization["modules"] == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    # the loader sets down_proj first; the parameter order (PEFT's wrapper nesting, so adapter names) is kept
+    assert [n for n, _ in experts_modules(streamed)[0].named_parameters()] == ["gate_up_proj", "down_proj"]
+    after_full_load = quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path), bnb_config())
+    # NOTE: the same packing of the same bf16 values by the same kernels in one process: bitwise equal
+    assert torch.equal(logits(streamed), logits(after_full_load))
+    for key, value in after_full_load.state_dict().items():
+        assert torch.equal(streamed.state_dict()[key], value), key
+
+
+def test_load_in_4bit_of_a_4bit_checkpoint_keeps_its_block_size(tmp_path):
+    """A checkpoint already packed with another block size (32, not the default 64) under load_in_4bit: its own
+    layout is kept (nothing is quantized twice); a config.json that misstates the block size is refused by the loader
+    (shapes of the block scales), never loaded as garbage."""
+    torch.manual_seed(0)
+    source = quantize_experts(SparseMoEForCausalLM(small_config()), bnb_config(), blocksize=32)
+    source.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+    assert loaded.config.expert_quantization["blocksize"] == 32
+    for ours, theirs in zip(experts_modules(loaded), experts_modules(source)):
+        for name in ("gate_up_proj", "down_proj"):
+            assert torch.equal(dequantize_experts(ours, name), dequantize_experts(theirs, name))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["expert_quantization"]["blocksize"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config())
+
+
+# ------------------------------------------------------------------------------------------ the standard doors
+DOOR_LORA = dict(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                 target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+
+
+def _adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("door", ["get_peft_model", "PeftModel.from_pretrained", "add_adapter", "load_adapter"])
+def test_every_door_puts_full_precision_lora_on_4bit_experts(door, fp_folder, tmp_path):
+    """A plain LoraConfig (no helper) through each door of PEFT and transformers on a 4-bit model: the same logits as
+    the same adapter under PEFT's own ParamWrapper on the full-precision model holding the dequantized weights, the
+    per-expert path (no parametrization of the packed tensor), and adapters saved under the names and shapes a
+    full-precision base gives them."""
+    from modeling_sparse_moe.quantization import _param_wrapper_4bit_class
+
+    fp_adapter = tmp_path / "fp_adapter"
+    torch.manual_seed(5)
+    peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(fp_folder), peft.LoraConfig(**DOOR_LORA)
+    ).save_pretrained(fp_adapter)
+    model = AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config())
+    if door == "get_peft_model":
+        model = peft.get_peft_model(model, peft.LoraConfig(**DOOR_LORA))
+    elif door == "PeftModel.from_pretrained":
+        model = peft.PeftModel.from_pretrained(model, fp_adapter)
+    elif door == "add_adapter":
+        model.add_adapter(peft.LoraConfig(**DOOR_LORA))
+    else:
+        model.load_adapter(fp_adapter)
+    wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+    assert len(wrappers) == 4 and all(isinstance(m, _param_wrapper_4bit_class()) for m in wrappers)
+    quantized_logits = logits(model)
+    model.save_pretrained(tmp_path / "door_adapter")  # transformers' save of an adapted model writes the adapter only
+    saved, reference_names = _adapter_tensors(tmp_path / "door_adapter"), _adapter_tensors(fp_adapter)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in reference_names.items()}
+
+    dequantized = dequantize_model(AutoModelForCausalLM.from_pretrained(fp_folder, quantization_config=bnb_config()))
+    reference = peft.PeftModel.from_pretrained(dequantized, tmp_path / "door_adapter")
+    with reference.disable_adapter():
+        assert (logits(reference) - quantized_logits).abs().max() > 1e-3  # the adapter matters
+    # NOTE: 4-bit path = per-expert dequantize + matmul in fp32; the reference multiplies the same fp32 weights
+    assert_fp32_close(quantized_logits, logits(reference))
 
 
 # ---------------------------------------------------------------------------------------------- save and share
@@ -487,3 +595,22 @@ def test_bench_quant_quick_reports_every_section(tmp_path):
     assert set(report["variants"]) == {"fp32", "nf4"}
     assert report["variants"]["nf4"]["footprint_bytes"] < 0.6 * report["variants"]["fp32"]["footprint_bytes"]
     assert all(len(curve) == 6 for curve in report["qlora"]["loss_curves"].values())
+
+
+@pytest.mark.slow
+def test_bench_load_4bit_smoke_streams_with_the_same_logits(tmp_path):
+    """scripts/bench_load_4bit.py --smoke: both loads run in fresh processes and give the same logits (the memory
+    figures are the script's business: at smoke size the interpreter's own allocations dominate them)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_load_4bit.py"
+    out = tmp_path / "load.json"
+    result = subprocess.run([sys.executable, str(script), "--smoke", "--output", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"stream", "after_full_load"} and report["shards"] > 1
+    assert report["runs"]["after_full_load"]["max_abs_logit_diff_vs_stream"] == 0
+    assert report["runs"]["stream"]["footprint_bytes"] == report["runs"]["after_full_load"]["footprint_bytes"]

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from modeling_sparse_moe import SparseMoEForCausalLM
 from modeling_sparse_moe.tasks.peft_utils import (
-    adapter_report, apply_lora, check_qlora_available, lora_config, merge_max_abs_diff,
+    adapter_report, apply_lora, check_qlora_available, load_adapted, lora_config, merge_max_abs_diff,
 )
 from modeling_sparse_moe.tasks.common import LoraArguments
 
@@ -62,3 +62,36 @@ def test_qlora_runs_on_cpu_and_refuses_full_fine_tuning():
     check_qlora_available(lora_r=8)  # bitsandbytes >= 0.48 quantizes on CPU: no refusal
     with pytest.raises(ValueError, match="--lora_r 8"):
         check_qlora_available(lora_r=0)
+
+
+def test_recipe_qlora_adapter_reloads_onto_either_base(tmp_path):
+    """`--load_in_4bit --lora_target attention,experts` (apply_lora) saves an adapter that `load_adapted` puts back on
+    the 4-bit base it was trained on (identical logits) and on the full-precision base (where it merges exactly)."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    # widths divisible by bitsandbytes' block size (32 at the least)
+    SparseMoEForCausalLM(tiny_config(hidden_size=64, moe_intermediate_size=32)).save_pretrained(tmp_path / "base")
+    base = SparseMoEForCausalLM.from_pretrained(tmp_path / "base")
+    args = LoraArguments(lora_r=4, lora_alpha=8, lora_target="attention,experts", load_in_4bit=True)
+    model = apply_lora(base, args, task_type="CAUSAL_LM").eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # make the adapter matter
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+    assert sum(".experts." in n and "lora_" in n for n, _ in model.named_parameters()) == 2 * 2 * 2
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trained = model(ids).logits
+        on_4bit = load_adapted(tmp_path / "base", tmp_path / "adapter", load_in_4bit=True)
+        # NOTE: the recipe packs after an fp32 load, the reload packs while loading: the same packing (same process)
+        torch.testing.assert_close(on_4bit(ids).logits, trained, rtol=0, atol=0)
+        on_full = load_adapted(tmp_path / "base", tmp_path / "adapter")
+    from peft import get_peft_model_state_dict
+
+    saved, loaded = get_peft_model_state_dict(model), get_peft_model_state_dict(on_full)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad(), on_full.disable_adapter():
+        plain = on_full(ids).logits
+    with torch.no_grad():
+        assert (on_full(ids).logits - plain).abs().max() > 1e-2  # the adapter acts on the full-precision base
+    assert merge_max_abs_diff(on_full, ids) < 1e-4  # fp32 merge of a rank-4 delta: rounding only

@@ -4,7 +4,8 @@ The MoE weights are not all `nn.Linear`: the router (`mlp.gate.weight`, (E, D)) 
 (`mlp.experts.gate_up_proj` (E, 2F, D), `mlp.experts.down_proj` (E, D, F)) are plain parameters, which PEFT >= 0.17
 adapts through `LoraConfig(target_parameters=[...])` (one low-rank delta per expert tensor). With `--load_in_4bit`
 the base is quantized to NF4 (experts included, `modeling_sparse_moe.quantization`) and the same targets train
-adapters on the frozen 4-bit experts (QLoRA), on CPU too.
+adapters on the frozen 4-bit experts (QLoRA), on CPU too, through PEFT's own doors with a plain `LoraConfig`; the
+adapters have the names and shapes they have on a full-precision base, so `load_adapted` puts them on either.
 """
 
 from __future__ import annotations
@@ -44,16 +45,15 @@ def lora_config(
             modules.append(part)
     if not modules and not parameters:
         raise ValueError(f"--lora_target {target!r} names nothing this model has")
-    from ..quantization import with_quantized_experts  # LoRA on 4-bit experts; full-precision ones are unaffected
-
-    return with_quantized_experts(LoraConfig(
+    # NOTE: a plain LoraConfig reaches 4-bit experts too (the model adopts PEFT's wrapper, quantization.py)
+    return LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=modules or None,
         target_parameters=parameters or None,
         task_type=task_type,
-    ))
+    )
 
 
 def apply_lora(model, lora_args, task_type=None):
@@ -75,13 +75,13 @@ def check_qlora_available(lora_r: int | None = None) -> None:
     on CPU as well as on CUDA. What `--load_in_4bit` does, by hand:
 
         from transformers import BitsAndBytesConfig
-        from modeling_sparse_moe.quantization import with_quantized_experts
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))   # experts too
         model = peft.prepare_model_for_kbit_training(model)
-        model = peft.get_peft_model(model, with_quantized_experts(LoraConfig(
+        model = peft.get_peft_model(model, LoraConfig(
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            target_parameters=["experts.gate_up_proj", "experts.down_proj"])))"""
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+        # later: PeftModel.from_pretrained(<the same 4-bit or a full-precision base>, adapter_dir)"""
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError as err:
@@ -122,6 +122,19 @@ def quantize_for_qlora(model):
     if not getattr(model, "is_loaded_in_4bit", False):
         model = quantize_model(model, quantization_config())
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def load_adapted(base_path: str | os.PathLike, adapter_dir: str | os.PathLike, load_in_4bit: bool = False,
+                 is_trainable: bool = False, model_class=None, **kwargs):
+    """A saved adapter on its base, through PEFT's standard door: `PeftModel.from_pretrained` on the base loaded in
+    full precision or, with `load_in_4bit`, in the QLoRA format (`quantization_config()`; experts included). Either
+    base takes an adapter trained on either. `kwargs` go to the base's `from_pretrained`."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config()
+    base = model_class.from_pretrained(base_path, **kwargs)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
 
 
 def folder_size(path: str | os.PathLike) -> int:
