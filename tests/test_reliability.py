@@ -150,6 +150,7 @@ INVALID = [
     (dict(router_skip_threshold=1.0), "router_skip_threshold"),
     (dict(router_skip_threshold=-0.1), "router_skip_threshold"),
     (dict(router_skip_threshold=NAN), "router_skip_threshold"),
+    (dict(router_aux_loss_scope="global"), "router_aux_loss_scope"),
     (dict(router_aux_loss_coef=-1), "router_aux_loss_coef"),
     (dict(router_aux_loss_coef=INF), "router_aux_loss_coef"),
     (dict(router_z_loss_coef=NAN), "router_z_loss_coef"),
@@ -246,6 +247,7 @@ _VALID = dict(
     router_jitter_noise=[0.0, 0.1, 0.5],
     router_skip_threshold=[0.0, 0.3],
     router_aux_loss_coef=[0.0, 0.01],
+    router_aux_loss_scope=["pooled", "per_layer"],
     router_z_loss_coef=[0.0, 0.01],
     router_bias_update_rate=[0.0, 0.01],
     attention_dropout=[0.0, 0.1],
@@ -256,7 +258,7 @@ _INVALID_VALUES = dict(
     hidden_act=["bogus", None], rope_parameters=[{"rope_type": "bogus"}, {"rope_type": "default", "rope_theta": 0.0}],
     rms_norm_eps=[0.0, NAN], sliding_window=[0], qk_norm=["bogus"], pad_token_id=[200, -1], mlp_only_layers=[[7], 1],
     router_type=["relu"], routed_scaling_factor=[0.0, INF], capacity_factor=[0.0, NAN, "1"],
-    router_jitter_noise=[1.0], router_skip_threshold=[1.0], router_aux_loss_coef=[-1.0], router_z_loss_coef=[INF], attention_dropout=[NAN],
+    router_jitter_noise=[1.0], router_skip_threshold=[1.0], router_aux_loss_coef=[-1.0], router_aux_loss_scope=["global"], router_z_loss_coef=[INF], attention_dropout=[NAN],
     initializer_range=[NAN, -1.0], num_experts_per_tok=[0], moe_layer_freq=[0], norm_topk_prob=["yes"],
 )
 RANDOM_CONFIG_EXAMPLES = 150
