@@ -107,3 +107,31 @@ def test_label_smoothing_shifts_labels_and_keeps_the_router_losses(tmp_path):
     with torch.no_grad():
         plain_loss = CausalLMTrainer(model=model, args=args_plain).compute_loss(model, dict(inputs))
     torch.testing.assert_close(plain_loss, out.loss, rtol=0, atol=1e-5)
+
+
+def test_bias_updates_leave_the_frozen_base_of_an_adapter_alone(tmp_path):
+    """Aux-loss-free bias updates move the router bias of a full model, but not of a PEFT model: the bias belongs to
+    the frozen base, so base + adapter routes as the model did in training (reload, merge, export)."""
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_sparse_moe.recipes.training import RouterBiasUpdateCallback
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 97, (16, 16))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                             report_to=[], save_strategy="no", use_cpu=True)
+
+    def biases(model):
+        return torch.cat([b.detach().clone().flatten() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")])
+
+    full = SparseMoEForCausalLM(tiny_config(router_type="sigmoid", router_bias_update_rate=0.01))
+    before = biases(full)
+    Trainer(model=full, args=args, train_dataset=data, callbacks=[RouterBiasUpdateCallback()]).train()
+    assert not torch.equal(biases(full), before)  # the full model's biases moved
+
+    base = SparseMoEForCausalLM(tiny_config(router_type="sigmoid", router_bias_update_rate=0.01))
+    before = biases(base)
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    Trainer(model=adapted, args=args, train_dataset=data, callbacks=[RouterBiasUpdateCallback()]).train()
+    assert torch.equal(biases(adapted), before)  # bitwise: nothing wrote to the buffer

@@ -119,12 +119,6 @@ def export_for_serving(
     candidates = [Path(tokenizer)] if tokenizer else [src, model_folder] if adapter else [src]
     tokenizer_folder = _tokenizer_folder(candidates)
 
-    if adapter and config.router_bias_update_rate > 0:
-        # NOTE: the bias updates made while an adapter trains move the base's router-bias buffers, which PEFT does not
-        # save with the adapter: adapter + base then routes with the base's biases, not the fine-tuned ones.
-        logger.warning(f"export: {src} is an adapter of a model trained with router_bias_update_rate="
-                       f"{config.router_bias_update_rate}; the adapter does not hold the router biases its fine-tuning "
-                       "moved, so export the merged model the recipe saved (merge_and_unload) for the trained routing")
     merged = _merge_adapter(model_folder, src) if adapter else None
     with _tensors(model_folder, merged) as source:
         if family == "auto":

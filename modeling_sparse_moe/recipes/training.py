@@ -92,13 +92,15 @@ _INDEX_FILE = "model.safetensors.index.json"
 class RouterBiasUpdateCallback(TrainerCallback):
     """DeepSeek-V3 aux-loss-free balancing for `Trainer`: after every optimizer step, nudge each router's
     `e_score_correction_bias` by `config.router_bias_update_rate * sign(mean load - load)`, using the expert loads of
-    all micro-batches of that step. A no-op while the rate is 0.
+    all micro-batches of that step. A no-op while the rate is 0, and on a PEFT model: an adapter trains only its own
+    weights, and the bias belongs to the frozen base, so base + adapter (reloaded, merged or exported) routes exactly as
+    the model did in training.
 
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RouterBiasUpdateCallback()])
     """
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
+        if model is not None and getattr(model, "peft_config", None) is None:
             update_router_biases(model)
 
 
