@@ -47,6 +47,19 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _finish_loss_plot(fig, ax, path, title: str, xlabel: str, ylabel: str, target: float | None) -> Path:
+    """Labels, grid, legend and an optional dotted target line shared by the loss-curve pictures; saves the figure."""
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.3f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------------------------- 1. load heatmap
 def load_telemetry(source) -> dict:
     """The dict of `router_telemetry.json` (a path, or the dict itself)."""
@@ -278,15 +291,7 @@ def plot_loss_curves(curves: dict, path, title: str = "Training and validation l
         if curve.get("eval"):
             steps, losses = zip(*curve["eval"])
             ax.plot(steps, losses, "-o", color=colour, markersize=3, label=f"{name} validation")
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.3f}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("loss (cross-entropy, nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish_loss_plot(fig, ax, path, title, xlabel, "loss (cross-entropy, nats/token)", target)
 
 
 # ------------------------------------------------------------------------------------------- 5. study pictures
@@ -305,15 +310,7 @@ def plot_seed_bands(curves: dict, path, title: str = "Validation loss over seeds
         ax.plot(steps, losses.mean(0), "-o", color=colour, markersize=3, label=f"{name} ({len(runs)} seeds)")
         if len(runs) > 1:
             ax.fill_between(steps, losses.min(0), losses.max(0), color=colour, alpha=0.25, linewidth=0)
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.3f}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish_loss_plot(fig, ax, path, title, xlabel, "validation loss (nats/token)", target)
 
 
 def plot_loss_vs_experts(points: dict, path, references: dict | None = None,
