@@ -2,7 +2,10 @@
 
 1. the quickstart's default pretraining (smoke) -> translation fine-tuning (full, and LoRA) ->
    `scripts/export.py --gguf` -> the native-family folder gives our logits, and the GGUF read back with `gguf` holds our tensors (and, in f32,
-   runs to our logits in the numpy reference of llama.cpp's graph from tests/test_export.py);
+   runs to our logits in the numpy reference of llama.cpp's graph from tests/test_export.py); the same for the
+   other recipes' outputs from that model: generative QA, SFT (full and a LoRA adapter, merged on the way), and a
+   QLoRA adapter of the translation recipe (`--load_in_4bit --lora_target attention,experts`) merged into the
+   full-precision base;
 4. a Mixtral checkpoint (a tiny `MixtralForCausalLM` saved locally) -> convert -> fine-tune with the translation
    recipe's defaults -> export back to Mixtral -> the same logits.
 """
@@ -133,3 +136,95 @@ def test_mixtral_checkpoint_converts_trains_with_recipe_defaults_and_exports_bac
     tensors = {t.name: t for t in reader.tensors}
     np.testing.assert_array_equal(tensors["blk.0.ffn_gate_inp.weight"].data,
                                   trained.model.layers[0].mlp.gate.weight.detach().numpy())
+
+
+def _export_and_compare(src: Path, out: Path, reference, capsys) -> None:
+    """`scripts/export.py SRC OUT --gguf f32` picks glm4_moe for the recipes' default router; transformers' own
+    Glm4MoeForCausalLM and the GGUF (numpy reference of llama.cpp's graph) give `reference`'s logits."""
+    capsys.readouterr()
+    assert export_cli.main([str(src), str(out), "--gguf", "f32"]) == 0, capsys.readouterr().err
+    assert "(glm4_moe)" in capsys.readouterr().out
+    native = AutoModelForCausalLM.from_pretrained(out)
+    assert type(native).__name__ == "Glm4MoeForCausalLM"
+    ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")["input_ids"]
+    expected = _logits(reference, ids)
+    assert_fp32_close(_logits(native, ids), expected)
+    reader = gguf.GGUFReader(out / "model-f32.gguf")
+    # fp32 tolerance: numpy's matmuls sum in another order than torch's
+    np.testing.assert_allclose(llama_cpp_reference_logits(reader, ids[0].numpy()), expected[0].numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_generative_qa_from_the_default_model_exports(smoke_pretrained, tmp_path, capsys):
+    from modeling_sparse_moe.tasks import qa
+
+    pretrain_dir = smoke_pretrained.result("pretrain")["model_dir"]
+    qa.main([  # the recipe's defaults (offline country QA), generative, for a short run
+        "--model_name_or_path", pretrain_dir, "--generative", "--output_dir", str(tmp_path / "qa"), "--do_train",
+        "--max_train_samples", "16", "--max_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate",
+        "1e-2", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--max_seq_length", "128",
+    ])
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "qa").eval()
+    _export_and_compare(tmp_path / "qa", tmp_path / "serve", trained, capsys)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sft_from_the_default_model_exports(smoke_pretrained, tmp_path, lora, capsys):
+    from modeling_sparse_moe.tasks import sft
+
+    pretrain_dir = smoke_pretrained.result("pretrain")["model_dir"]
+    sft.main([  # TRL's SFTTrainer on the offline country chats, the recipe's defaults, a short run
+        "--model_name_or_path", pretrain_dir, "--output_dir", str(tmp_path / "sft"), "--do_train",
+        "--max_train_samples", "16", "--max_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate",
+        "1e-2", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--max_length", "128",
+        *(["--lora_r", "4"] if lora else []),
+    ])
+    if lora:  # the adapter folder: export merges it into the base that adapter_config.json names
+        from peft import PeftModel
+
+        assert (tmp_path / "sft" / "adapter_config.json").is_file()
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pretrain_dir),
+                                              tmp_path / "sft").eval()
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "sft").eval()
+    _export_and_compare(tmp_path / "sft", tmp_path / "serve", reference, capsys)
+
+
+def test_qlora_adapter_from_the_translation_recipe_merges_into_full_precision_and_exports(tmp_path, capsys):
+    """`--load_in_4bit --lora_target attention,experts` trains on the 4-bit base; the adapter, merged into the
+    full-precision base on the way out, exports to glm4_moe with the adapter model's logits."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    from conftest import tiny_config
+    from modeling_sparse_moe import SparseMoEForCausalLM
+    from modeling_sparse_moe.recipes.pretraining import BALANCED_ROUTER
+
+    tokenizer = train_tokenizer(load_text_corpus(max_chars=6000), vocab_size=300)
+    torch.manual_seed(0)
+    # widths divisible by bitsandbytes' block size; the recipes' default router, its selection bias moved as training
+    # moves it
+    config = tiny_config(hidden_size=64, moe_intermediate_size=32, vocab_size=320, initializer_range=0.02,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **BALANCED_ROUTER)
+    base = SparseMoEForCausalLM(config)
+    for layer in base.model.layers:
+        layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    translation.main([
+        "--model_name_or_path", str(tmp_path / "base"), "--offline_corpus", "country_names", "--output_dir",
+        str(tmp_path / "qlora"), "--do_train", "--max_train_samples", "32", "--max_steps", "3",
+        "--per_device_train_batch_size", "8", "--learning_rate", "1e-2", "--report_to", "none",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--load_in_4bit", "--lora_r", "4",
+        "--lora_target", "attention,experts",
+    ])
+    adapter = tmp_path / "qlora"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["target_parameters"]  # the experts' LoRA, trained on packed 4-bit experts
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter).eval()
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    with reference.disable_adapter():
+        untouched = _logits(reference, ids)
+    assert (_logits(reference, ids) - untouched).abs().max() > 1e-4  # the adapter changes the model
+    _export_and_compare(adapter, tmp_path / "serve", reference, capsys)
