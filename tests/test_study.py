@@ -3,6 +3,8 @@ every language (deterministic), arms that read identical batches and start from 
 language-by-expert counts and their heatmap, and a smoke-size multilingual study."""
 
 import matplotlib.image as mpimg
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, set_seed
@@ -146,7 +148,8 @@ def test_lr_sweep_names_each_arm_and_rate():
 def test_multilingual_study_smoke(tmp_path):
     """Three arms on six languages at smoke size: identical batches, the final figure the mean of the last three
     whole-split evaluations, paired differences, falling losses, and the pictures."""
-    result = study.run_dense_comparison(_smoke_args(output_dir=str(tmp_path), seeds="0,1", threads=1))
+    result = study.run_dense_comparison(_smoke_args(output_dir=str(tmp_path), seeds="0,1", threads=1,
+                                                    save_models=True))
     assert result["corpus"]["languages"] == ["en", "fr", "de", "es", "it", "pt"]
     for seed in result["seeds"]:
         models = seed["models"]
@@ -164,3 +167,13 @@ def test_multilingual_study_smoke(tmp_path):
     assert "| dense-total | " in result["table"] and f"{mean:.3f} ± {std:.3f}" in result["table"]
     assert set(result["plots"]) == {"loss_curves", "language_experts"}
     assert (tmp_path / "language_experts.png").stat().st_size > 10_000
+    # --save_models: every arm's final model with the study's tokenizer, ready for the fine-tuning recipes
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(result["seeds"][1]["models"]["moe-8x32-top2"]["model_dir"])
+    assert folder == tmp_path / "models" / "seed1" / "moe-8x32-top2"
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = AutoTokenizer.from_pretrained(folder)("In the beginning", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = reloaded(ids).logits
+    assert logits.shape[-1] == reloaded.config.vocab_size and reloaded.config.num_experts == 8

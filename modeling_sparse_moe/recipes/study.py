@@ -189,6 +189,11 @@ class StudyArguments:
     validation_split_percentage: int = field(default=5, metadata={"help": "Percent of chapters held out."})
     smoke: bool = field(default=False, metadata={"help": "Tiny shapes, 20 steps, 200k characters (tests)."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: leave as is)."})
+    save_models: bool = field(
+        default=False,
+        metadata={"help": "Save every arm's final model with the study's tokenizer to "
+                  "<output_dir>/models/seed<S>/<arm> (for fine-tuning them downstream)."},
+    )
     merge: str | None = field(
         default=None,
         metadata={"help": "Comma-separated study folders (seeds run as separate processes): join their results.json "
@@ -590,6 +595,12 @@ def run_dense_comparison(args: StudyArguments) -> dict:
                     "models": {n: {"eval_loss": r.eval_loss, "final_evals": r.final_losses, "train_seconds": r.seconds}
                                for n, r in runs.items()}}, indent=1))
         result = _seed_result(seed, runs, baseline, args)
+        if args.save_models:
+            for name, run in runs.items():
+                folder = out / "models" / f"seed{seed}" / name
+                run.model.save_pretrained(folder)
+                tokenizer.save_pretrained(folder)
+                result["models"][name]["model_dir"] = str(folder)
         if len(corpus["languages"]) > 1:
             for name, run in runs.items():
                 counts = language_expert_counts(run.model, val_BL, corpus["val_languages"], corpus["languages"])
@@ -646,7 +657,7 @@ def merge_dense_comparisons(folders: list[str], output_dir: str) -> dict:
             raise FileNotFoundError(f"--merge: {path} not found (has that study finished a seed?)")
         studies.append(json.loads(path.read_text()))
     first = studies[0]
-    ignored = {"output_dir", "seeds", "threads", "merge"}
+    ignored = {"output_dir", "seeds", "threads", "merge", "save_models"}
     for folder, study in zip(folders[1:], studies[1:]):
         differ = sorted(k for k in set(first["args"]) | set(study["args"])
                         if k not in ignored and first["args"].get(k) != study["args"].get(k))
