@@ -1,7 +1,7 @@
 """The whole story in one command, offline, on real text, on a laptop CPU (a GPU is used when there is one).
 
     pip install -e ".[demo]"
-    python -m modeling_sparse_moe.quickstart                    # --size small: about 10 minutes on 2 CPU cores
+    python -m modeling_sparse_moe.quickstart                    # --size small: 7 1/2 to 11 minutes on 2 CPU cores
     python -m modeling_sparse_moe.quickstart --size demo        # larger model, more steps, better numbers
     python -m modeling_sparse_moe.quickstart --smoke            # seconds: checks that every stage runs
 
@@ -91,7 +91,7 @@ SIZES = {
         model="demo", overrides="num_hidden_layers=4,vocab_size=4096,max_position_embeddings=512", vocab_size=4096,
         corpus_chars=None, block_size=128, pretrain_steps=400, pretrain_batch=16, translation_steps=300,
         translation_train=6000, translation_eval=100, qa_steps=300, qa_train=None, qa_eval=None,
-        notes="4 layers x 256, 8 experts x 512, top-2; about 10 minutes on 2 CPU cores",
+        notes="4 layers x 256, 8 experts x 512, top-2; 7 1/2 to 11 minutes on 2 CPU cores",
         qa_max_seq_length=128, qa_lr=1e-3, num_beams=1, no_repeat_ngram_size=3,
     ),
     "demo": Size(
