@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine_harness import ENGINES, check_model, markdown
+from engine_harness import ENGINES, GGUF_TYPES, check_model, markdown
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--timed_prompts", type=int, default=8, help="prompts timed one by one per engine")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    parser.add_argument("--gguf_types", default=",".join(GGUF_TYPES),
+                        help="comma-separated GGUF types llama.cpp runs (f16 first: its tokenizer check reads it)")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile row of our decoder")
     parser.add_argument("--smoke", action="store_true",
                         help="train the quickstart's --smoke models into OUTPUT_DIR and check them at tiny size")
@@ -39,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.engines.split(",")) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines {sorted(unknown)}; choose from {','.join(ENGINES)}")
+    types = args.gguf_types.split(",")
+    if set(types) - set(GGUF_TYPES) or types[0] != "f16":
+        parser.error(f"--gguf_types {args.gguf_types!r}: f16 first, then any of {','.join(GGUF_TYPES[1:])}")
     return args
 
 
@@ -56,7 +61,8 @@ def main(argv=None) -> dict:
         if folder:
             reports.append(check_model(kind, Path(folder), out / kind, prompts=args.prompts,
                                        max_new_tokens=args.max_new_tokens, timed_prompts=args.timed_prompts,
-                                       engines=args.engines.split(","), compiled=not args.no_compile))
+                                       engines=args.engines.split(","), compiled=not args.no_compile,
+                                       gguf_types=tuple(args.gguf_types.split(","))))
             (out / "report.json").write_text(json.dumps(reports, indent=2))
     (out / "report.md").write_text(markdown(reports))
     print(markdown(reports))

@@ -106,8 +106,12 @@ def run_worker(python: Path, kind: str, request: dict, workdir: Path, timeout: f
 ENGINES = ("ours", "vllm", "llama")
 
 
+# The GGUF types llama.cpp runs: f16 and q8_0 from scripts/export.py, Q4_K_M from llama.cpp's own quantizer.
+GGUF_TYPES = ("f16", "q8_0", "Q4_K_M")
+
+
 def check_model(kind: str, model_dir: Path, out: Path, *, prompts: int, max_new_tokens: int, timed_prompts: int,
-                engines=ENGINES, compiled: bool = True, log=print) -> dict:
+                engines=ENGINES, compiled: bool = True, gguf_types=GGUF_TYPES, log=print) -> dict:
     """Every row for one model (`kind` "pretrained" or "translation"): agreement, quality, speed."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,7 +173,7 @@ def check_model(kind: str, model_dir: Path, out: Path, *, prompts: int, max_new_
 
     if "llama" in engines:
         python = ensure_venv("llama", log=log)
-        for qtype in ("f16", "q8_0", "Q4_K_M"):
+        for qtype in gguf_types:
             name = f"llama.cpp {qtype}"
             log(f"[{kind}] {name}")
             request = {"model": str(paths[qtype]), "prompts": ids, "max_new_tokens": max_new_tokens,
