@@ -114,13 +114,19 @@ def check_model(kind: str, model_dir: Path, out: Path, *, prompts: int, max_new_
                 engines=ENGINES, compiled: bool = True, gguf_types=GGUF_TYPES, log=print) -> dict:
     """Every row for one model (`kind` "pretrained" or "translation"): agreement, quality, speed."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from modeling_sparse_moe.tasks.generation import encode_prompt
     from modeling_sparse_moe.tasks.metrics import bleu_chrf
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # Plain greedy decoding, as the engines run it. NOTE: a recipe saves its decoding settings with the model (the
+    # translation recipe: no_repeat_ngram_size=3), which the engines ignore; and generate() fills every field a
+    # passed config leaves at its default from `model.generation_config`, so that is where they must go.
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
+                                               pad_token_id=saved.pad_token_id)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     texts, ids, references = held_out_prompts(tokenizer, kind, prompts)
@@ -415,7 +421,7 @@ def held_out_prompts(tokenizer, kind: str, count: int, words: int = 10):
 def _greedy_config(model, max_new_tokens: int, stop_at_eos: bool, **fields):
     import copy
 
-    config = copy.deepcopy(model.generation_config)
+    config = copy.deepcopy(model.generation_config)  # plain greedy: check_model replaced the saved one
     config.do_sample, config.max_new_tokens = False, max_new_tokens
     if not stop_at_eos:  # NOTE: eos_token_id=None falls back to the model config's EOS; an id no token has does not
         config.eos_token_id = model.config.vocab_size
