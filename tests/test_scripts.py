@@ -76,3 +76,32 @@ def test_gpu_check_cpu_dry_run_passes(tmp_path):
     assert "correctness: all passed" in stdout
     report = json.loads(out.read_text())
     assert report["ok"] is True and len(report["checks"]) == 7  # 2 shapes x 3 token counts, plus the whole model
+
+
+def test_bench_prune_translation_quick_scores_every_criterion(tmp_path):
+    """scripts/bench_prune_translation.py --quick on a tiny translation-shaped model: the unpruned score, then every
+    criterion x calibration at 2 of 4 experts, each row a chrF/BLEU from the recipe's scorer."""
+    import torch
+
+    import bench_prune_translation as bench
+    from conftest import tiny_config
+    from modeling_sparse_moe import SparseMoEForCausalLM
+    from modeling_sparse_moe.recipes.data import load_text_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(load_text_corpus(max_chars=6000), vocab_size=300)
+    torch.manual_seed(0)
+    model = SparseMoEForCausalLM(tiny_config(vocab_size=320, max_position_embeddings=256,
+                                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                             pad_token_id=tokenizer.pad_token_id))
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    report = bench.main([str(tmp_path / "model"), "--quick", "--threads", "1", "--json", str(tmp_path / "r.json")])
+    assert report["num_experts"] == 4 and report["eval_samples"] == 8
+    assert set(report["pruning"]) == {"reap (task)", "frequency (task)", "activation_norm (task)", "random",
+                                      "reap (generic)", "frequency (generic)", "activation_norm (generic)"}
+    for rows in report["pruning"].values():
+        assert list(rows) == [2]  # experts kept
+        (row,) = rows.values()
+        assert 0 <= row["chrf"] <= 100 and row["vs_base_chrf"] == row["chrf"] - report["base"]["chrf"]
+    assert json.loads((tmp_path / "r.json").read_text())["base"] == report["base"]
