@@ -37,6 +37,7 @@ from modeling_sparse_moe.tasks import common  # noqa: E402
 from modeling_sparse_moe.tasks.translation import (  # noqa: E402
     TranslationDataArguments,
     offline_translation_dataset,
+    prompts_and_references,
     translate_and_score,
 )
 
@@ -55,15 +56,17 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--json", default="bench_results/bench_prune_translation.json")
     args = parser.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"{args.model}: no config.json; give a translation model folder (out/quickstart/translation)")
     if args.quick:
         args.experts, args.eval_samples, args.calibration_tokens, args.random_seeds = "2", 8, 1024, 1
     return args
 
 
 def task_texts(raw, data_args) -> list[str]:
-    """The training pairs as the recipe trains on them: prompt, then the reference."""
-    src, tgt = data_args.source_lang, data_args.target_lang
-    return [f"{data_args.source_prefix}{row[src]}{data_args.separator} {row[tgt]}" for row in raw["train"]["translation"]]
+    """The training pairs as the recipe trains on them: its prompt, then the reference."""
+    prompts, references, _ = prompts_and_references(raw["train"], data_args)
+    return [f"{prompt} {reference}" for prompt, reference in zip(prompts, references)]
 
 
 def run(args) -> dict:
